@@ -1,0 +1,111 @@
+"""EADConfig and its parts: one frozen, validated object built once at the edge (CLI, server, eval) and passed
+down, each component taking only its part, e.g. `Router(cfg.router)`.
+
+Per-request settings (temperature, top-p, stop strings, ...) live in `ead.sampling.SamplingParams`, apart from
+these engine-wide ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from ead.errors import ConfigError
+
+
+class Role(str, enum.Enum):
+    """Which model of the pair produced a token or is active."""
+
+    SMALL = "small"
+    LARGE = "large"
+
+
+# Chosen from measurements on the default pair (Qwen2.5-Coder 0.5B/1.5B, GSM8K prompts): see
+# docs/choosing-tau.md. At 0.5 bits the large model writes about a third of the tokens.
+DEFAULT_THRESHOLD_BITS = 0.5
+# The EAD paper's defaults: a rolling mean over 5 tokens, and 10 tokens before another switch.
+DEFAULT_WINDOW_TOKENS = 5
+DEFAULT_MIN_DWELL_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The EAD rule. `threshold_bits` is the paper's tau, `window_tokens` its w, `min_dwell_tokens` its d_min.
+
+    tau = +inf never uses the large model; tau = -inf always does (once the dwell allows a switch, or from the
+    first token with `start=Role.LARGE`). Finite values must be >= 0: entropy in bits is never negative.
+    """
+
+    threshold_bits: float = DEFAULT_THRESHOLD_BITS
+    window_tokens: int = DEFAULT_WINDOW_TOKENS
+    min_dwell_tokens: int = DEFAULT_MIN_DWELL_TOKENS
+    start: Role = Role.SMALL
+
+    def __post_init__(self) -> None:
+        tau = self.threshold_bits
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau):
+            raise ConfigError(f"tau must be a number of bits, got {tau!r}; try --tau 0.5")
+        if math.isfinite(tau) and tau < 0:
+            raise ConfigError(
+                f"tau must be >= 0 bits (entropy is never negative), got {tau}; "
+                "use tau=-inf to always route to the large model"
+            )
+        _check_int("window", self.window_tokens, minimum=1)
+        _check_int("d_min", self.min_dwell_tokens, minimum=0)
+        if not isinstance(self.start, Role):
+            try:
+                object.__setattr__(self, "start", Role(self.start))
+            except ValueError:
+                raise ConfigError(f"start must be 'small' or 'large', got {self.start!r}") from None
+
+    @classmethod
+    def paper(cls, tau: float = DEFAULT_THRESHOLD_BITS, window: int = DEFAULT_WINDOW_TOKENS,
+              d_min: int = DEFAULT_MIN_DWELL_TOKENS, start: Role | str = Role.SMALL) -> RouterConfig:
+        """The same config under the paper's short names."""
+        return cls(threshold_bits=tau, window_tokens=window, min_dwell_tokens=d_min, start=start)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from: a Hugging Face hub id, a local HF folder, or a .gguf file."""
+
+    source: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ConfigError(f"a model must be a hub id, a folder or a .gguf file, got {self.source!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where and how the models run. `device`/`dtype` None pick cuda+bfloat16 when available, else cpu+float32."""
+
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+DTYPES = {"float32", "bfloat16", "float16"}
+
+
+@dataclass(frozen=True)
+class EADConfig:
+    """Everything one ead process needs. `small`/`large` None means the default pair."""
+
+    small: ModelSpec | None = None
+    large: ModelSpec | None = None
+    router: RouterConfig = field(default_factory=RouterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if (self.small is None) != (self.large is None):
+            raise ConfigError("pass both --small and --large, or neither for the default pair")

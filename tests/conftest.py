@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models of each supported architecture, saved as HF folders, no downloads.
+
+Each architecture gets a small and a large model that share one tokenizer (a byte-level BPE trained here on
+GSM8K questions, with a ChatML chat template), so a pair loads exactly as a user's pair would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
+
+
+def gsm8k_questions(n: int) -> list[str]:
+    with open(DATA / "gsm8k_train.jsonl") as f:
+        return [json.loads(line)["question"] for _, line in zip(range(n), f)]
+
+
+def build_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_model(arch: str, vocab_size: int, hidden: int, layers: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    extra = {"rope_scaling": None} if arch != "llama" else {}
+    cfg = CONFIGS[arch](vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=hidden // 4, max_position_embeddings=256, initializer_range=0.3,
+                        tie_word_embeddings=False, eos_token_id=2, bos_token_id=0, pad_token_id=0, **extra)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_corpus() -> list[str]:
+    return gsm8k_questions(400)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory, tokenizer_corpus) -> dict[str, tuple[str, str]]:
+    """arch -> (small folder, large folder): 1 layer of width 32 and 2 layers of width 64, one tokenizer."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = build_tokenizer(384, tokenizer_corpus)
+    pairs = {}
+    for i, arch in enumerate(ARCHS):
+        folders = []
+        for name, hidden, layers in (("small", 32, 1), ("large", 64, 2)):
+            folder = root / f"{arch}-{name}"
+            build_model(arch, len(tok), hidden, layers, seed=100 + 10 * i + layers).save_pretrained(folder)
+            tok.save_pretrained(folder)
+            folders.append(str(folder))
+        pairs[arch] = (folders[0], folders[1])
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model(tmp_path_factory, tokenizer_corpus) -> str:
+    """A qwen2 model whose tokenizer was trained on other text, so its vocabulary differs."""
+    folder = tmp_path_factory.mktemp("other") / "qwen2-other"
+    tok = build_tokenizer(384, [q[::-1] for q in tokenizer_corpus])
+    build_model("qwen2", len(tok), 32, 1, seed=7).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,45 @@
+from ead.stopping import StopChecker
+
+# A toy "tokenizer": each id is one piece of text; id 0 is end-of-sequence and decodes to nothing.
+PIECES = {0: "", 1: "The", 2: " answer", 3: " is", 4: " 4", 5: "2", 6: ".\n", 7: "\n", 8: "Q", 9: ":", 10: "\ufffd"}
+
+
+def decode(ids):
+    return "".join(PIECES[i] for i in ids)
+
+
+def run(ids, stop=(), max_new_tokens=100):
+    checker = StopChecker(decode, {0}, stop, max_new_tokens)
+    shown = []
+    for n in range(1, len(ids) + 1):
+        reason = checker.update(ids[:n])
+        shown.append(checker.text[:checker.visible_chars])
+        if reason:
+            return reason, checker.text, shown, n
+    return None, checker.text, shown, len(ids)
+
+
+def test_eos_ends_and_is_not_in_the_text():
+    assert run([1, 2, 0, 3])[:2] == ("stop", "The answer")
+
+
+def test_stop_string_cuts_the_text_before_it_and_stops():
+    reason, text, _, n = run([1, 2, 3, 4, 5, 6, 7, 8, 9, 4], stop=("\n\nQ:", "zzz"))
+    assert (reason, text, n) == ("stop", "The answer is 42.", 9)
+
+
+def test_stop_string_across_tokens_is_held_back_while_streaming():
+    _, _, shown, _ = run([1, 2, 3, 4, 5, 6, 7, 8, 9], stop=("\n\nQ:",))
+    # After ".\n" the text ends in a prefix of the stop string: the "\n" is held back, and never shown later.
+    assert shown[5] == "The answer is 42."
+    assert all(shown[i].startswith(shown[i - 1]) for i in range(1, len(shown)))
+    assert "\n" not in shown[-1]
+
+
+def test_partial_utf8_character_is_held_back():
+    _, _, shown, _ = run([1, 10, 2])
+    assert shown[1] == "The"
+
+
+def test_max_new_tokens():
+    assert run([1, 2, 3, 4, 5], max_new_tokens=3)[0:2] == ("length", "The answer is")
