@@ -62,7 +62,8 @@ class Engine:
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.pair.device).manual_seed(sampling.seed)
-        stopper = StopChecker(self.pair.decode, self.pair.eos_token_ids, sampling.stop, sampling.max_new_tokens)
+        eos = () if sampling.ignore_eos else self.pair.eos_token_ids
+        stopper = StopChecker(self.pair.decode, eos, sampling.stop, sampling.max_new_tokens)
         return Sequence(prompt_ids=list(prompt_ids), sampling=sampling, router=Router(self.cfg), stopper=stopper,
                         generator=generator, ids=list(prompt_ids))
 

@@ -20,8 +20,8 @@ class SamplingParams:
     """How one request is decoded and when it stops.
 
     temperature 0 is greedy (argmax). top_k 0 and top_p 1 switch those filters off. `seed` makes sampled runs
-    reproducible. Generation stops at any end-of-sequence id of the pair, at the first `stop` string (not
-    included in the text) or after `max_new_tokens`.
+    reproducible. Generation stops at any end-of-sequence id of the pair (unless `ignore_eos`, for benchmarks),
+    at the first `stop` string (not included in the text) or after `max_new_tokens`.
     """
 
     temperature: float = 0.0
@@ -30,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         t = self.temperature

@@ -12,9 +12,11 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -59,17 +61,47 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype, cache_root
 
 
 def _load_folder(source: str, where: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    is_hub_id = where == source and not Path(source).exists()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        if is_hub_id:
+            tokenizer, model = _load_from_hub(source, dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        hint = ("If this machine is offline, download the model elsewhere and pass its local folder, or pass a "
-                ".gguf file." if where == source and not Path(source).exists() else USAGE)
-        raise ModelLoadError(f"could not load {source!r}: {reason}. {hint}") from e
+        raise ModelLoadError(f"could not load {source!r}: {reason}. {USAGE}") from e
     model = model.to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     return LoadedModel(source=source, path=where, model=model, tokenizer=tokenizer, params=params)
+
+
+def _load_from_hub(hub_id: str, dtype: torch.dtype):
+    """From the local HF cache if it is there; else from the hub, after checking in seconds that it is
+    reachable (an offline machine would otherwise spend a minute in the hub client's retries)."""
+    try:
+        return (AutoTokenizer.from_pretrained(hub_id, local_files_only=True),
+                AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True))
+    except OSError:
+        pass
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):
+        raise ModelLoadError(
+            f"{hub_id!r} is not in the local Hugging Face cache and {host} cannot be reached (offline). Download "
+            f"it on a machine with network (`hf download {hub_id}`) and pass the local folder, or pass a .gguf file.")
+    return (AutoTokenizer.from_pretrained(hub_id), AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype))
+
+
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+        return True
+    except (OSError, TypeError):
+        return False
 
 
 def convert_gguf(gguf: Path, cache_root: Path) -> Path:

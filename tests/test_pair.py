@@ -1,0 +1,85 @@
+"""Loading a pair: sources, tokenizer agreement, prompts, and the errors a user meets first."""
+
+import pytest
+
+import ead
+from ead.config import RouterConfig
+from ead.engine import Engine
+from ead.errors import CacheCapacityError, ModelLoadError, RequestError, TokenizerMismatchError
+from ead.pair import end_of_sequence_ids
+from ead.sampling import SamplingParams
+
+
+def test_mismatched_tokenizers_are_refused_naming_the_first_different_token(tiny_pairs, other_tokenizer_model):
+    small, _ = tiny_pairs["qwen2"]
+    with pytest.raises(TokenizerMismatchError, match=r"disagree on token id \d+: '.*' vs '.*'.*one family"):
+        ead.load_pair(small, other_tokenizer_model, device="cpu")
+
+
+def test_missing_paths_name_the_path_and_what_to_pass(tmp_path, tiny_pairs):
+    small, _ = tiny_pairs["qwen2"]
+    with pytest.raises(ModelLoadError, match=r"no_such\.gguf.*does not exist.*hub id"):
+        ead.load_pair(small, str(tmp_path / "no_such.gguf"), device="cpu")
+    with pytest.raises(ModelLoadError, match=r"no such file or folder.*hub id"):
+        ead.load_pair(small, str(tmp_path / "missing" / "model"), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        ead.load_pair(str(tmp_path / "empty"), small, device="cpu")
+
+
+def test_one_model_alone_is_a_config_error(tiny_pairs):
+    with pytest.raises(ead.ConfigError, match="both small and large"):
+        ead.load_pair(tiny_pairs["qwen2"][0], None)
+
+
+def test_bad_device_and_dtype_are_config_errors(tiny_pairs):
+    with pytest.raises(ead.ConfigError, match="device"):
+        ead.load_pair(*tiny_pairs["qwen2"], device="tpu:7")
+    with pytest.raises(ead.ConfigError, match="dtype must be one of"):
+        ead.load_pair(*tiny_pairs["qwen2"], device="cpu", dtype="int3")
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tiny_pairs):
+    return ead.load_pair(*tiny_pairs["qwen2"], device="cpu")
+
+
+def test_prompt_longer_than_the_context_is_refused(qwen_pair):
+    ids = qwen_pair.encode("Natalia sold clips. " * 200)
+    assert len(ids) > 256
+    with pytest.raises(CacheCapacityError, match=rf"prompt has {len(ids)} tokens.*holds 256"):
+        Engine(qwen_pair, RouterConfig()).generate(ids)
+
+
+def test_generation_stops_at_the_context_limit(qwen_pair):
+    ids = qwen_pair.encode("Natalia sold clips. " * 10)
+    res = Engine(qwen_pair, RouterConfig()).generate(ids, SamplingParams(max_new_tokens=500, ignore_eos=True))
+    assert res.finish_reason == "length" and len(ids) + len(res.token_ids) == 256
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "prompt is empty"),
+    ([], "non-empty list"),
+    ([{"role": "user"}], "string 'role' and 'content'"),
+    ([{"role": "user", "content": ""}], "every chat message is empty"),
+])
+def test_empty_or_malformed_prompts_are_request_errors(qwen_pair, prompt, message):
+    with pytest.raises(RequestError, match=message):
+        qwen_pair.encode(prompt)
+
+
+def test_chat_template_and_end_of_sequence_ids(qwen_pair):
+    ids = qwen_pair.encode([{"role": "user", "content": "Hi"}])
+    assert qwen_pair.tokenizer.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen_pair.eos_token_ids == {qwen_pair.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert end_of_sequence_ids(qwen_pair.small) == {2}
+
+
+def test_parameter_counts_are_recorded(qwen_pair):
+    # Independent count from the configs: embeddings + untied head + per-layer weights (see conftest.build_model).
+    def count(hidden, layers, vocab=384, heads=4, kv=2):
+        hd = hidden // heads
+        attn = hidden * heads * hd + 2 * hidden * kv * hd + heads * hd * hidden + (heads + 2 * kv) * hd  # qkv bias
+        mlp = 3 * hidden * 2 * hidden
+        return 2 * vocab * hidden + layers * (attn + mlp + 2 * hidden) + hidden
+    assert (qwen_pair.small.params, qwen_pair.large.params) == (count(32, 1), count(64, 2))
