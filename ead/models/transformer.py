@@ -1,0 +1,244 @@
+"""The decoder: a Llama-family transformer (Llama, Qwen2, Qwen3, Mistral) from token ids to logits.
+
+It owns the math: embeddings, RMSNorm, grouped-query attention with rotary positions, SwiGLU MLP and the
+output head, reproducing transformers' logits. Checkpoint names live in loader.py, the cache layout in
+kv_cache.py, sampling and the choice of model elsewhere. `forward` allocates no cache memory, takes
+positions as tensors and never branches on tensor values, so decode can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ead.errors import ModelLoadError
+from ead.models.kv_cache import KVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x ("llama3") rope scaling: wavelengths longer than original_max_position_embeddings /
+    low_freq_factor are stretched by `factor`, those shorter than ... / high_freq_factor are kept."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape and numerics of one decoder; `dim` is the hidden size, `head_dim` may differ from dim // n_heads."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelArgs:
+        """Read a transformers config of model_type llama, qwen2, qwen3 or mistral.
+
+        Attention is always full (causal over the whole prefix). A Mistral or Qwen config with a sliding
+        window therefore matches transformers only while sequences stay within `sliding_window` tokens;
+        Mistral 7B v0.2+ and the Qwen2.5/Qwen3 releases set no window.
+        """
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(f"model_type {model_type!r} is not supported; ead's decoder runs "
+                                 f"{', '.join(SUPPORTED_MODEL_TYPES)}. Choose a model of one of these families.")
+        unsupported = {"hidden_act": config.hidden_act != "silu", "mlp_bias": getattr(config, "mlp_bias", False),
+                       "attention_bias": getattr(config, "attention_bias", False)}
+        if any(unsupported.values()):
+            settings = ", ".join(f"{k}={getattr(config, k)!r}" for k, bad in unsupported.items() if bad)
+            raise ModelLoadError(f"{model_type} config with {settings} is not supported; ead's decoder expects "
+                                 "SiLU and bias-free projections (apart from Qwen2's q/k/v biases).")
+        # transformers 5 keeps rope_theta and any scaling in one dict, `rope_parameters`, and folds the
+        # older `rope_theta` / `rope_scaling` attributes into it; read those only as a fallback.
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", None))  # None for a per-layer-type dict
+        if theta is None or rope_type not in ("default", "llama3") or rope.get("partial_rotary_factor", 1.0) != 1:
+            raise ModelLoadError(f"rope {rope!r} is not supported; ead implements the default rope and "
+                                 "Llama 3.x 'llama3' scaling, one for all layers, over the full head dim.")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                                  float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        return cls(
+            vocab_size=config.vocab_size, dim=config.hidden_size, n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            intermediate_size=config.intermediate_size, norm_eps=config.rms_norm_eps,
+            rope_theta=float(theta),
+            rope_scaling=scaling, qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(config.tie_word_embeddings),
+            max_position_embeddings=config.max_position_embeddings)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """Rotary inverse frequencies, radians per position: (head_dim // 2,) float32 on CPU."""
+    # float32 with an int64 arange, as transformers computes them, so both round alike.
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim)
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    # llama3: keep short wavelengths, divide long ones by `factor`, blend linearly in between; the clamp
+    # folds the three bands of Meta's reference code into one expression.
+    wavelen = 2 * math.pi / inv_freq
+    lo, hi = s.low_freq_factor, s.high_freq_factor
+    smooth = ((s.original_max_position_embeddings / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, T, H, D) by (B, T, 1, D) angles. HF checkpoints pair dim i with dim i + D/2 (not 2i, 2i+1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and cast back before the weight, as transformers does, so bf16 rounds alike.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        # q, k and v in one matmul: one kernel launch instead of three per layer and decode step.
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
+                rows: Tensor, slots: Tensor) -> Tensor:
+        """x: (B, T, dim); mask: (B, 1, T, S+1) bool; k_cache, v_cache: (max_batch, Hkv, S+1, D), written in
+        place at (rows, slots), both (B, T)-broadcastable. Returns (B, T, dim)."""
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3 normalises each head before rope
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Advanced indices split by a slice put their (B, T) dims first: k_cache[rows, :, slots] is (B, T, Hkv, D).
+        k_cache[rows, :, slots] = k
+        v_cache[rows, :, slots] = v
+        # Attend over all S+1 slots of the B rows (views, no copy); the mask keeps each row to its own prefix.
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:B], v_cache[:B], attn_mask=mask,
+                                           enable_gqa=True)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up fused, as wqkv
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MLP(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
+                rows: Tensor, slots: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, rows, slots)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def attention_mask(positions: Tensor, is_real: Tensor, n_slots: int) -> Tensor:
+    """Which cache slots each query sees: (B, 1, T, n_slots) bool, True = attend.
+
+    A real query at position p sees slots 0..p of its row: its cached prefix plus, causally, this call's new
+    tokens, which are written before attention. Positions alone suffice because a row's real tokens sit at
+    cache.lengths[b] + 0, 1, ...; slots past them hold stale keys of a reset row or pads, never seen.
+    A padding query sees only the trash slot (the last), so no softmax row is empty and none turns NaN,
+    even in an idle row that holds no token yet.
+    """
+    slot = torch.arange(n_slots, device=positions.device)
+    sees = torch.where(is_real[..., None], slot <= positions[..., None], slot == n_slots - 1)  # (B, T, S+1)
+    return sees[:, None]  # (B, 1, T, S+1): one mask shared by all heads
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Kept float32 whatever the weights' dtype (load_native builds it so): bf16 angles drift at long positions.
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, valid_lengths: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits for T new tokens per row; writes their keys/values and advances `cache.lengths[:B]`.
+
+        tokens, positions: (B, T) int64; batch row b is cache row b. Row b's first valid_lengths[b] tokens
+        are real, at positions cache.lengths[b] + 0, 1, ... (`cache.next_positions(B, T)`); the rest are right
+        padding, whose ids and positions are ignored: their keys and values go to the trash slot and their
+        outputs are finite garbage. valid_lengths: (B,) int64 in 0..T, None when all T are real; 0 leaves a row
+        idle. Call `cache.check_capacity` first. Returns (B, T, V) logits in the weights' dtype, or with
+        `last_only` (B, V) at each row's last valid token (catch-up needs no more).
+        """
+        B, T = tokens.shape
+        if valid_lengths is None:
+            valid_lengths = torch.full((B,), T, dtype=torch.int64, device=tokens.device)
+        is_real = torch.arange(T, device=tokens.device) < valid_lengths[:, None]  # (B, T)
+        slots = torch.where(is_real, positions, cache.trash_slot)  # (B, T): where each token's k/v goes
+        rows = torch.arange(B, device=tokens.device)[:, None]  # (B, 1), broadcast against slots
+        mask = attention_mask(positions, is_real, cache.trash_slot + 1)
+
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D), broadcast over heads
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache.k[i], cache.v[i], rows, slots)
+        cache.lengths[:B] += valid_lengths
+
+        if last_only:  # an idle row reads its position 0: garbage, but no out-of-range index
+            x = x[rows[:, 0], (valid_lengths - 1).clamp(min=0)]  # (B, dim)
+        return self.output(self.norm(x))
