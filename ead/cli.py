@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from ead.config import DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, Role, RouterConfig
+from ead.config import (BACKENDS, DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, EngineConfig,
+                        Role, RouterConfig)
 from ead.errors import EADError
 
 EXAMPLES = """examples:
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EXAMPLES)
     gen.add_argument("prompt", help="the prompt; '-' reads it from standard input")
     add_model_args(gen)
+    gen.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="how the models run: 'native' = ead's own decoder with a preallocated KV cache and, on "
+                          "CUDA, the decode step replayed as a CUDA graph (Llama, Qwen2, Qwen3, Mistral); 'hf' = "
+                          "transformers, eager (slow on a GPU); 'auto' (default) = native on CUDA when both models "
+                          "support it, else hf")
     rule = gen.add_argument_group("the EAD rule")
     rule.add_argument("--tau", type=float, default=DEFAULT_THRESHOLD_BITS,
                       help=f"entropy threshold in bits: the large model writes while the rolling mean is above it "
@@ -145,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    [{"role": "user", "content": prompt}]
         ids = pair.encode(messages)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    engine = Engine(pair, cfg)
+    engine = Engine(pair, cfg, EngineConfig(backend=args.backend))
     shown = 0
     seq_ref = []
 

@@ -84,14 +84,33 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Where and how the models run. `device`/`dtype` None pick cuda+bfloat16 when available, else cpu+float32."""
+    """Where and how the models run. `device`/`dtype` None pick cuda+bfloat16 when available, else cpu+float32.
+
+    `backend`: "hf" runs the transformers models eagerly; "native" runs ead's own decoder (ead.models) with a
+    preallocated KV cache and, on CUDA with `cuda_graphs`, the one-token decode step as a replayed CUDA graph;
+    "auto" picks native on CUDA when both models are of a family it implements, else hf (and on CPU, where
+    transformers is the reference the tests compare against). `max_seq_tokens` caps prompt plus generated
+    tokens; None means each model's max_position_embeddings, and for native at most 4096 (the cache size).
+    """
 
     device: str | None = None
     dtype: str | None = None
+    backend: str = "auto"
+    cuda_graphs: bool = True
+    max_seq_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.max_seq_tokens is not None:
+            _check_int("max_seq_tokens", self.max_seq_tokens, minimum=2)  # a prompt token and a generated one
+
+
+BACKENDS = ("auto", "hf", "native")
 
 
 DTYPES = {"float32", "bfloat16", "float16"}

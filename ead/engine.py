@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ead.config import Role, RouterConfig
+from ead.config import EngineConfig, Role, RouterConfig
 from ead.errors import CacheCapacityError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, summarize
 from ead.pair import ModelPair, Prompt
 from ead.router import Router, entropy_bits
-from ead.runner import ModelRunner
+from ead.runner import build_runner, choose_backend
 from ead.sampling import SamplingParams, sample_next
 from ead.stopping import StopChecker
 
@@ -43,12 +43,15 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None) -> None:
+    def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None,
+                 engine_cfg: EngineConfig | None = None) -> None:
         self.pair = pair
         self.cfg = cfg or RouterConfig()
+        self.engine_cfg = engine_cfg or EngineConfig()
         vocab = min(pair.small.model.config.vocab_size, pair.large.model.config.vocab_size)
-        self.runners = {Role.SMALL: ModelRunner(pair.small.model, vocab),
-                        Role.LARGE: ModelRunner(pair.large.model, vocab)}
+        models = {Role.SMALL: pair.small.model, Role.LARGE: pair.large.model}
+        self.backend = choose_backend(list(models.values()), self.engine_cfg.backend, pair.device)  # hf | native
+        self.runners = {role: build_runner(m, vocab, self.backend, self.engine_cfg) for role, m in models.items()}
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
 
     def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Sequence:

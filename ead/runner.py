@@ -1,27 +1,47 @@
-"""ModelRunner: one model and its own KV cache for one sequence, behind the three operations the engine uses.
+"""Runners: one model and its own KV cache for one sequence, behind the three operations the engine uses.
 
 `feed(ids)` appends tokens to the cache in one forward pass and returns the next-token logits; `seen` says how
-many tokens the cache holds. Prefill, one-token decode and the catch-up after a switch are the same call with
-different lengths. This runner drives a transformers model eagerly, batch size 1; a faster runner with the
-same interface can replace it without touching the EAD rule in `ead.engine`.
+many tokens the cache holds; `reset()` starts a new sequence. Prefill, one-token decode and the catch-up after a
+switch are the same call with different lengths, so the EAD rule in `ead.engine` never sees which runner it has.
+
+Two runners, batch size 1:
+- `ModelRunner` drives a transformers model eagerly. On a GPU it is launch-bound (about 12 tok/s on an H100
+  at every model size), so there EAD saves no time; it is the reference and the fallback.
+- `NativeRunner` runs ead's own decoder (`ead.models`) on a KV cache allocated once, and on CUDA replays the
+  one-token step as a CUDA graph (`ead.models.graphs`); prefill and catch-up run eagerly.
+`choose_backend` and `build_runner` turn `EngineConfig.backend` into one of them.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from ead.config import EngineConfig
+from ead.errors import ConfigError, ModelLoadError
+from ead.models.graphs import DecodeGraph
+from ead.models.kv_cache import KVCache
+from ead.models.loader import load_native
+from ead.models.transformer import ModelArgs, Transformer
+
+# The native cache is allocated up front for the whole context, so its default is bounded: 4096 tokens cost
+# Qwen2.5-14B 0.8 GB of keys and values, where its 32768 positions would cost 6.4 GB per model.
+DEFAULT_NATIVE_MAX_SEQ_TOKENS = 4096
+
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
+    def __init__(self, model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None) -> None:
         self.model = model
         self.device = model.device
         # Both models' logits are read on the same width (some exports pad one head with unused rows).
         self.vocab_size = vocab_size
-        self.max_seq_tokens = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        limit = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.max_seq_tokens = resolve_max_seq_tokens(max_seq_tokens, limit, default=limit)
         self.cache: DynamicCache | None = None
         self.seen = 0
         # transformers renamed `past_key_values` to `cache` in 5.2x; pass whichever this version's forward takes.
@@ -43,3 +63,90 @@ class ModelRunner:
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
         self.seen += len(token_ids)
         return out.logits[0, -1, : self.vocab_size].float()
+
+
+class NativeRunner:
+    """ead's decoder with a one-row KVCache of `max_seq_tokens` slots, allocated once, and on CUDA with
+    `cuda_graphs` a captured decode step. `cuda_graphs=False` (or a CPU model) runs every step eagerly and
+    gives the same tokens."""
+
+    def __init__(self, model: Transformer, vocab_size: int, max_seq_tokens: int | None = None,
+                 cuda_graphs: bool = True) -> None:
+        self.model = model
+        weight = model.tok_embeddings.weight
+        self.device = weight.device
+        self.vocab_size = vocab_size
+        limit = model.args.max_position_embeddings
+        default = min(limit, DEFAULT_NATIVE_MAX_SEQ_TOKENS)
+        self.max_seq_tokens = resolve_max_seq_tokens(max_seq_tokens, limit, default)
+        self.cache = KVCache.for_model(model.args, max_batch=1, max_seq_tokens=self.max_seq_tokens,
+                                       dtype=weight.dtype, device=self.device)
+        self.graph = DecodeGraph(model, self.cache) if cuda_graphs and self.device.type == "cuda" else None
+        self.seen = 0
+
+    @classmethod
+    def from_hf(cls, hf_model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
+                cuda_graphs: bool = True) -> NativeRunner:
+        """A runner for a loaded transformers model, on its device and in its dtype. The fused q/k/v and
+        gate/up weights are new tensors, the others shared with `hf_model`: while it stays loaded, a Qwen2.5
+        model takes about 1.6 times its weight bytes on the device."""
+        return cls(load_native(hf_model, hf_model.device, hf_model.dtype), vocab_size, max_seq_tokens, cuda_graphs)
+
+    def reset(self) -> None:
+        """Forget the current sequence. The old keys and values stay; the mask hides them until overwritten."""
+        self.cache.reset_row(0)
+        self.seen = 0
+
+    @torch.inference_mode()
+    def feed(self, token_ids: list[int]) -> Tensor:
+        """Process `token_ids` (the tokens this model has not seen yet) and return the logits for the token
+        after them: (V,) float32 on the model's device, valid until the next `feed`. Raises
+        CacheCapacityError, before any device work, if the cache would overflow."""
+        assert token_ids, "feed needs at least one new token"
+        n = len(token_ids)
+        self.cache.check_capacity([0], [self.seen + n])  # host-side numbers: no device sync
+        if n == 1 and self.graph is not None:
+            logits = self.graph.run(token_ids[0], self.seen)
+        else:
+            tokens = torch.tensor([token_ids], dtype=torch.int64, device=self.device)  # (1, T)
+            positions = torch.arange(self.seen, self.seen + n, device=self.device)[None]  # (1, T)
+            logits = self.model(tokens, positions, self.cache, last_only=True)[0].float()  # (V,)
+        self.seen += n
+        return logits[: self.vocab_size]
+
+
+def resolve_max_seq_tokens(asked: int | None, limit: int, default: int) -> int:
+    """The tokens a runner holds: `asked`, or `default` when None; more than the model's `limit` positions
+    is refused, since rotary positions past the trained range give a model no meaning."""
+    if asked is None:
+        return default
+    if asked > limit:
+        raise ConfigError(f"max_seq_tokens={asked} exceeds the model's max_position_embeddings={limit}; "
+                          f"use at most {limit}")
+    return asked
+
+
+def choose_backend(models: Sequence[PreTrainedModel], backend: str, device: torch.device) -> str:
+    """'hf' or 'native' for EngineConfig.backend. "auto" picks native on CUDA when every model is one the
+    native decoder implements; on CPU it keeps transformers, the reference of the test suite. A model that
+    auto cannot run natively gets a warning naming its model_type and the reason, and hf for both."""
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "hf"
+    for m in models:
+        try:
+            ModelArgs.from_hf_config(m.config)
+        except ModelLoadError as e:
+            warnings.warn(f"backend 'auto' falls back to 'hf' (transformers, eager, slow on a GPU): model_type "
+                          f"{getattr(m.config, 'model_type', None)!r} has no native decoder: {e}", stacklevel=3)
+            return "hf"
+    return "native"
+
+
+def build_runner(model: PreTrainedModel, vocab_size: int, backend: str,
+                 cfg: EngineConfig) -> ModelRunner | NativeRunner:
+    """The runner for one model of the pair; `backend` is 'hf' or 'native' (see choose_backend)."""
+    if backend == "native":
+        return NativeRunner.from_hf(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs)
+    return ModelRunner(model, vocab_size, cfg.max_seq_tokens)

@@ -1,0 +1,110 @@
+"""Tests for ead/models/graphs.py (GPU only): a replayed decode step equals the eager one.
+
+The reference is the same runner with `cuda_graphs=False`, run step for step beside it, and for the engine
+transformers itself in float32. No downloads: tiny random models and a tokenizer trained here on made-up text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ead
+from ead.config import EngineConfig, Role, RouterConfig
+from ead.engine import Engine
+from ead.models.graphs import DecodeGraph
+from ead.runner import NativeRunner
+from ead.sampling import SamplingParams
+
+from conftest import build_model, build_tokenizer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PROMPT = "Tom has 3 red apples and 5 green pears; he gives two apples to Ann and buys seven more pears."
+
+
+def native_model(arch: str, dtype: torch.dtype):
+    hf = build_model(arch, vocab_size=512, hidden=128, layers=3, seed=1).to("cuda", dtype)
+    return NativeRunner.from_hf(hf, 512, max_seq_tokens=128, cuda_graphs=False).model
+
+
+def greedy(runner: NativeRunner, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """n greedy tokens; after the 5th, a 4-token catch-up chunk (eager) before one-token steps resume."""
+    runner.reset()
+    logits, tokens, seen = runner.feed(prompt), [], []
+    for i in range(n):
+        tokens.append(int(logits.argmax()))
+        seen.append(logits.clone())
+        logits = runner.feed([tokens[-1], 17, 18, 19] if i == 5 else [tokens[-1]])
+    return tokens, torch.stack(seen)
+
+
+def assert_same_tokens_and_close_logits(a, b, what: str) -> None:
+    (tok_a, log_a), (tok_b, log_b) = a, b
+    first = next((i for i, (x, y) in enumerate(zip(tok_a, tok_b)) if x != y), None)
+    diff = (log_a - log_b).abs().max().item()
+    assert first is None, f"{what}: first differing token at step {first}; max abs logit diff {diff:.3e}"
+    assert diff <= 1e-2 * log_b.abs().max().item(), f"{what}: max abs logit diff {diff:.3e}"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_graph_replay_equals_eager(arch, dtype):
+    model = native_model(arch, dtype)
+    graphed = NativeRunner(model, 512, max_seq_tokens=128, cuda_graphs=True)
+    eager = NativeRunner(model, 512, max_seq_tokens=128, cuda_graphs=False)
+    assert graphed.graph is not None and eager.graph is None
+    prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    for _ in range(2):  # a second sequence reuses the cache after reset
+        assert_same_tokens_and_close_logits(greedy(graphed, prompt, 40), greedy(eager, prompt, 40), f"{arch}")
+
+
+def test_capture_mid_sequence_leaves_the_cache_as_it_was():
+    model = native_model("llama", torch.bfloat16)
+    runner, eager = (NativeRunner(model, 512, max_seq_tokens=128, cuda_graphs=False) for _ in range(2))
+    prompt = list(range(30, 45))
+    runner.feed(prompt), eager.feed(prompt)
+    k, v, lengths = runner.cache.k.clone(), runner.cache.v.clone(), runner.cache.lengths.clone()
+    runner.graph = DecodeGraph(model, runner.cache)
+    real = slice(0, runner.cache.trash_slot)  # warm-up may write the trash slot, nothing else
+    assert torch.equal(runner.cache.k[:, :, :, real], k[:, :, :, real])
+    assert torch.equal(runner.cache.v[:, :, :, real], v[:, :, :, real])
+    assert torch.equal(runner.cache.lengths, lengths)
+    for token in (5, 6, 7, 8):
+        ours, ref = runner.feed([token]), eager.feed([token])
+        assert torch.equal(ours.argmax(), ref.argmax()) and runner.cache.lengths.tolist() == [runner.seen]
+
+
+@pytest.fixture(scope="module")
+def cuda_pair_folders(tmp_path_factory) -> tuple[str, str]:
+    words = "apples pears Tom Ann has gives buys red green more seven two three five and he she to".split()
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(words, size=12)) + "." for _ in range(300)] + [PROMPT]
+    tok = build_tokenizer(300, corpus)
+    folders = []
+    for name, hidden, layers in (("small", 64, 2), ("large", 128, 3)):
+        folder = tmp_path_factory.mktemp("cuda") / name
+        build_model("qwen2", len(tok), hidden, layers, seed=layers).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        folders.append(str(folder))
+    return folders[0], folders[1]
+
+
+def test_engine_with_graphs_equals_without_and_matches_transformers_in_float32(cuda_pair_folders):
+    pair = ead.load_pair(*cuda_pair_folders, device="cuda", dtype="float32")
+    ids, params = pair.encode(PROMPT), SamplingParams(max_new_tokens=60, ignore_eos=True)
+    probe = Engine(pair, RouterConfig(threshold_bits=math.inf), EngineConfig(backend="hf")).generate(ids, params)
+    tau = float(np.median([s.entropy_bits for s in probe.trace.steps]))
+    cfg = RouterConfig(threshold_bits=tau, window_tokens=2, min_dwell_tokens=2)
+    auto = Engine(pair, cfg)
+    assert auto.backend == "native" and all(r.graph is not None for r in auto.runners.values())
+    runs = {"graphs": auto.generate(ids, params),
+            "eager": Engine(pair, cfg, EngineConfig(backend="native", cuda_graphs=False)).generate(ids, params),
+            "hf": Engine(pair, cfg, EngineConfig(backend="hf")).generate(ids, params)}
+    assert {s.role for s in runs["graphs"].trace.steps} == {Role.SMALL, Role.LARGE}
+    for name in ("eager", "hf"):
+        assert runs["graphs"].token_ids == runs[name].token_ids, f"graphs vs {name}"
+        assert [s.role for s in runs["graphs"].trace.steps] == [s.role for s in runs[name].trace.steps]

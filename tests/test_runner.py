@@ -1,0 +1,176 @@
+"""NativeRunner and backend selection, against transformers as the independent reference.
+
+The engine with the native backend must write the same greedy tokens, with the same roles, as with the HF
+backend: small only, large only, and switching both ways; and through the native engine every token must be
+the active model's argmax on the full prefix, recomputed by transformers without any cache (so catch-up fed
+the native caches right). On CPU every step runs eagerly; graph replay is checked in models/test_graphs.py.
+"""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config
+
+import ead
+from ead.cli import main
+from ead.config import EngineConfig, Role, RouterConfig
+from ead.engine import Engine
+from ead.errors import CacheCapacityError, ConfigError
+from ead.runner import ModelRunner, NativeRunner, choose_backend
+from ead.sampling import SamplingParams
+
+from conftest import ARCHS
+
+PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+NATIVE = EngineConfig(backend="native")
+HF = EngineConfig(backend="hf")
+MAX_REL_ERR = 1e-4  # float32, as in models/test_transformer.py
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run faster on one thread than on two contending ones (see models/test_transformer.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request, tiny_pairs):
+    return ead.load_pair(*tiny_pairs[request.param], device="cpu")
+
+
+def switching_cfg(pair, n: int) -> RouterConfig:
+    """tau at the median entropy of a small-only HF run, so both models write (as in test_engine.py)."""
+    probe = Engine(pair, RouterConfig(threshold_bits=math.inf), HF).generate(
+        pair.encode(PROMPT), SamplingParams(max_new_tokens=n))
+    tau = float(np.median([s.entropy_bits for s in probe.trace.steps]))
+    return RouterConfig(threshold_bits=tau, window_tokens=2, min_dwell_tokens=2)
+
+
+SCENARIOS = {
+    "small_only": lambda pair: RouterConfig(threshold_bits=math.inf),
+    "large_only": lambda pair: RouterConfig(threshold_bits=-math.inf, min_dwell_tokens=0, start=Role.LARGE),
+    "switching": lambda pair: switching_cfg(pair, 60),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(pair):
+    """scenario -> (prompt ids, HF-backend result, native-backend result), greedy, 60 tokens."""
+    ids = pair.encode(PROMPT)
+    out = {}
+    for name, make_cfg in SCENARIOS.items():
+        cfg, params = make_cfg(pair), SamplingParams(max_new_tokens=60, ignore_eos=True)
+        out[name] = (ids, Engine(pair, cfg, HF).generate(ids, params), Engine(pair, cfg, NATIVE).generate(ids, params))
+    return out
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_native_engine_writes_the_hf_engines_tokens_and_roles(runs, scenario):
+    _, hf, native = runs[scenario]
+    first = next((i for i, (a, b) in enumerate(zip(hf.token_ids, native.token_ids)) if a != b), None)
+    assert first is None, f"first differing token at index {first}: hf {hf.token_ids[first]}, native " \
+                          f"{native.token_ids[first]}"
+    assert [s.role for s in native.trace.steps] == [s.role for s in hf.trace.steps]
+    diff = max(abs(a.entropy_bits - b.entropy_bits) for a, b in zip(hf.trace.steps, native.trace.steps))
+    assert diff < 1e-4, f"entropy differs by up to {diff:.2e} bits"
+    roles = {s.role for s in native.trace.steps}
+    assert roles == {"small_only": {Role.SMALL}, "large_only": {Role.LARGE},
+                     "switching": {Role.SMALL, Role.LARGE}}[scenario]
+
+
+def test_native_catch_up_gives_the_active_models_choice_on_the_full_prefix(pair, runs):
+    prompt, _, res = runs["switching"]
+    assert res.stats.switches >= 4 and {s.to for s in res.trace.switches} == {Role.SMALL, Role.LARGE}
+    assert any(s.catchup_tokens > 1 for s in res.trace.switches)
+    models = {Role.SMALL: pair.small.model, Role.LARGE: pair.large.model}
+    with torch.no_grad():
+        logits = {role: m(torch.tensor([prompt + res.token_ids])).logits[0] for role, m in models.items()}
+    for step in res.trace.steps:
+        ref = logits[step.role][len(prompt) + step.index - 1]  # these logits predict the token at `index`
+        assert step.token_id == int(ref.argmax()), f"token {step.index} by {step.role.value}"
+
+
+def test_native_runner_logits_match_the_hf_runner_through_prefill_decode_and_catch_up(pair):
+    vocab = pair.small.model.config.vocab_size
+    hf, native = ModelRunner(pair.large.model, vocab), NativeRunner.from_hf(pair.large.model, vocab)
+    for chunk in ([5, 9, 40, 41, 7, 3, 100], [12], [13, 14, 15, 16], [2]):
+        ref, ours = hf.feed(chunk), native.feed(chunk)
+        err = ((ours - ref).abs().max() / ref.abs().max()).item()
+        assert err < MAX_REL_ERR, f"after feeding {chunk}: max rel err {err:.2e}"
+        assert native.seen == hf.seen and ours.shape == (vocab,) and ours.dtype == torch.float32
+
+
+def test_native_runner_refuses_overflow_before_touching_the_cache(tiny_pairs):
+    model = ead.load_pair(*tiny_pairs["llama"], device="cpu").small.model
+    runner = NativeRunner.from_hf(model, model.config.vocab_size, max_seq_tokens=8)
+    assert runner.cache.max_seq_tokens == 8 and runner.graph is None  # no graphs on CPU
+    runner.feed([1, 2, 3, 4, 5, 6])
+    with pytest.raises(CacheCapacityError, match=r"needs 9 tokens.*max_seq_tokens=8"):
+        runner.feed([7, 8, 9])
+    assert runner.seen == 6 and runner.cache.lengths.tolist() == [6]
+    runner.feed([7, 8])  # the refused call changed nothing, so the last two slots are still free
+    runner.reset()
+    assert runner.seen == 0 and runner.cache.lengths.tolist() == [0]
+
+
+def test_native_default_context_is_the_models_capped_at_4096(tiny_pairs):
+    model = ead.load_pair(*tiny_pairs["qwen2"], device="cpu").small.model
+    assert NativeRunner.from_hf(model, 10).max_seq_tokens == 256  # the tiny models' max_position_embeddings
+    with pytest.raises(ConfigError, match=r"max_seq_tokens=300 exceeds.*max_position_embeddings=256"):
+        NativeRunner.from_hf(model, 10, max_seq_tokens=300)
+
+
+@pytest.mark.parametrize("engine_cfg", [NATIVE, HF], ids=["native", "hf"])
+def test_max_seq_tokens_caps_the_context_of_either_backend(tiny_pairs, engine_cfg):
+    pair = ead.load_pair(*tiny_pairs["qwen2"], device="cpu")
+    cfg = EngineConfig(backend=engine_cfg.backend, max_seq_tokens=30)
+    engine = Engine(pair, RouterConfig(threshold_bits=0.5, window_tokens=2, min_dwell_tokens=2), cfg)
+    ids = pair.encode(PROMPT)[:20]
+    res = engine.generate(ids, SamplingParams(max_new_tokens=100, ignore_eos=True))
+    assert engine.max_seq_tokens == 30 and res.finish_reason == "length" and len(ids) + len(res.token_ids) == 30
+
+
+def test_default_engine_on_cpu_keeps_transformers(tiny_pairs):
+    engine = Engine(ead.load_pair(*tiny_pairs["qwen3"], device="cpu"))
+    assert engine.backend == "hf" and all(isinstance(r, ModelRunner) for r in engine.runners.values())
+
+
+def test_auto_backend_picks_native_on_cuda_and_warns_on_an_unsupported_family():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    qwen = SimpleNamespace(config=SimpleNamespace(model_type="qwen2", hidden_act="silu", hidden_size=64,
+                                                  num_hidden_layers=1, num_attention_heads=4, vocab_size=10,
+                                                  intermediate_size=8, rms_norm_eps=1e-6, rope_theta=1e4,
+                                                  tie_word_embeddings=False, max_position_embeddings=64))
+    gpt2 = SimpleNamespace(config=GPT2Config())
+    assert choose_backend([qwen, qwen], "auto", cuda) == "native"
+    assert choose_backend([qwen, qwen], "auto", cpu) == "hf"
+    assert choose_backend([qwen, qwen], "hf", cuda) == "hf" and choose_backend([qwen], "native", cpu) == "native"
+    with pytest.warns(UserWarning, match=r"falls back to 'hf'.*model_type 'gpt2'"):
+        assert choose_backend([qwen, gpt2], "auto", cuda) == "hf"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="tpu"), "backend must be one of auto, hf, native, got 'tpu'"),
+    (dict(cuda_graphs="yes"), "cuda_graphs must be True or False"),
+    (dict(max_seq_tokens=1), "max_seq_tokens must be an integer >= 2"),
+    (dict(max_seq_tokens=100.0), "max_seq_tokens must be an integer"),
+])
+def test_invalid_engine_settings_raise_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_cli_backend_flag(capsys, tiny_pairs):
+    small, large = tiny_pairs["mistral"]
+    argv = ["generate", "--small", small, "--large", large, "--device", "cpu", "--raw", "--max-new-tokens", "6"]
+    assert main(argv + ["--backend", "native", "Natalia sold clips"]) == 0
+    assert "tokens, large share" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv + ["--backend", "vllm", "Hi"])
+    assert "invalid choice: 'vllm'" in capsys.readouterr().err
