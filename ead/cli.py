@@ -135,7 +135,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ead.engine import Engine
-    from ead.render import ANSI, RESET, paint, summary_table, trace_html
+    from ead.render import ANSI, PLAIN_MARKS, RESET, paint, summary_table, trace_html
     from ead.sampling import SamplingParams
 
     cfg = RouterConfig(threshold_bits=args.tau, window_tokens=args.window, min_dwell_tokens=args.d_min,
@@ -154,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine(pair, cfg, EngineConfig(backend=args.backend))
     shown = 0
     seq_ref = []
+    open_role = [None]
 
     def stream(seq, record) -> None:  # print text as soon as it cannot change, coloured by its writer
         nonlocal shown
@@ -161,7 +162,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         visible = seq.stopper.text[: seq.stopper.visible_chars]
         if len(visible) > shown and not args.json:
             new = visible[shown:]
-            sys.stdout.write(paint(new, record.role, color) if args.trace else new)
+            if args.trace and not color:  # marks open and close where the writer changes, not per piece
+                if open_role[0] is not record.role:
+                    close = PLAIN_MARKS[open_role[0]][1] if open_role[0] else ""
+                    new = close + PLAIN_MARKS[record.role][0] + new
+                    open_role[0] = record.role
+                sys.stdout.write(new)
+            else:
+                sys.stdout.write(paint(new, record.role, color) if args.trace else new)
             sys.stdout.flush()
             shown = len(visible)
 
@@ -171,6 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         n = len(seq_ref[0].generated) if seq_ref else 0
         print(f"\ninterrupted after {n} generated tokens", file=sys.stderr)
         return 130
+    if open_role[0] is not None:
+        sys.stdout.write(PLAIN_MARKS[open_role[0]][1])
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
