@@ -50,6 +50,16 @@ def build_model(arch: str, vocab_size: int, hidden: int, layers: int, seed: int)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tensors this small cost less than waking a second thread: on a busy 2-core box two intra-op threads
+    made tests/models/test_transformer.py 15x slower (about 15 s instead of 1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_corpus() -> list[str]:
     return gsm8k_questions(400)

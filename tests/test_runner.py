@@ -30,13 +30,7 @@ HF = EngineConfig(backend="hf")
 MAX_REL_ERR = 1e-4  # float32, as in models/test_transformer.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread than on two contending ones (see models/test_transformer.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -33,14 +33,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tensors this small cost less than waking a second thread: on a busy 2-core box two intra-op
-    # threads made this file 15x slower (about 15 s instead of 1 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_hf(name: str) -> PreTrainedModel:
