@@ -18,7 +18,7 @@ from ead.config import EngineConfig, Role, RouterConfig
 from ead.errors import CacheCapacityError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, summarize
 from ead.pair import ModelPair, Prompt
-from ead.router import Router, entropy_bits
+from ead.router import Router, RoutingPolicy, TokenSignals, token_signals
 from ead.runner import build_runner, choose_backend
 from ead.sampling import SamplingParams, sample_next
 from ead.stopping import StopChecker
@@ -30,7 +30,7 @@ class Sequence:
 
     prompt_ids: list[int]
     sampling: SamplingParams
-    router: Router
+    router: RoutingPolicy
     stopper: StopChecker
     generator: torch.Generator | None
     ids: list[int] = field(default_factory=list)
@@ -54,8 +54,10 @@ class Engine:
         self.runners = {role: build_runner(m, vocab, self.backend, self.engine_cfg) for role, m in models.items()}
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
 
-    def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Sequence:
-        """Begin a sequence: check it fits, clear both caches (nothing is computed until a model is needed)."""
+    def start(self, prompt_ids: list[int], sampling: SamplingParams,
+              router: RoutingPolicy | None = None) -> Sequence:
+        """Begin a sequence: check it fits, clear both caches (nothing is computed until a model is needed).
+        `router` replaces the paper's rule (`Router(self.cfg)`) for this sequence."""
         if len(prompt_ids) >= self.max_seq_tokens:
             raise CacheCapacityError(
                 f"the prompt has {len(prompt_ids)} tokens but the models' context holds {self.max_seq_tokens}; "
@@ -67,7 +69,7 @@ class Engine:
             generator = torch.Generator(device=self.pair.device).manual_seed(sampling.seed)
         eos = () if sampling.ignore_eos else self.pair.eos_token_ids
         stopper = StopChecker(self.pair.decode, eos, sampling.stop, sampling.max_new_tokens)
-        return Sequence(prompt_ids=list(prompt_ids), sampling=sampling, router=Router(self.cfg), stopper=stopper,
+        return Sequence(prompt_ids=list(prompt_ids), sampling=sampling, router=router or Router(self.cfg), stopper=stopper,
                         generator=generator, ids=list(prompt_ids))
 
     def step(self, seq: Sequence) -> StepRecord:
@@ -85,18 +87,20 @@ class Engine:
         seq.trace.prefill_tokens[role.value] += len(fed) - unseen_generated
 
         # 2. The routing signal on the raw logits, and 3. the token from the sampler, both on the device.
-        bits = entropy_bits(logits)
+        signals = token_signals(logits[None])[0]  # (4,)
         token = sample_next(logits[None], seq.sampling, seq.generator)[0]
 
-        # 4. The one host sync per token: the router branches on a number. (ids < 2**24 are exact in float32.)
-        bits_f, token_id = torch.stack([bits, token.to(bits.dtype)]).tolist()
+        # 4. The one host sync per token: the router branches on numbers. (ids < 2**24 are exact in float32.)
+        *values, token_id = torch.cat([signals, token.to(signals.dtype)[None]]).tolist()
         token_id = int(token_id)
+        sig = TokenSignals.from_values(values)
+        bits_f = sig.entropy_bits
 
         # 5. Record the token, the switch that let this model write it, and route the next token.
         if n_generated > 0 and role is not seq.trace.steps[-1].role:
             seq.trace.switches.append(SwitchEvent(index=n_generated, to=role, catchup_tokens=unseen_generated))
         seq.ids.append(token_id)
-        seq.router.observe(bits_f)
+        seq.router.observe(sig)
         record = StepRecord(index=n_generated, token_id=token_id, role=role, entropy_bits=bits_f,
                             mean_bits=seq.router.last_mean_bits, fed_tokens=len(fed),
                             step_ms=(time.perf_counter() - t0) * 1e3)
@@ -114,9 +118,10 @@ class Engine:
                               finish_reason=seq.finish_reason or "interrupted", trace=seq.trace, stats=stats)
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                 on_step: Callable[[Sequence, StepRecord], None] | None = None) -> GenerateResult:
+                 on_step: Callable[[Sequence, StepRecord], None] | None = None,
+                 router: RoutingPolicy | None = None) -> GenerateResult:
         """Run one sequence to the end. `on_step` sees every token as it is made (streaming, progress)."""
-        seq = self.start(prompt_ids, sampling or SamplingParams())
+        seq = self.start(prompt_ids, sampling or SamplingParams(), router)
         t0 = time.perf_counter()
         while seq.finish_reason is None:
             record = self.step(seq)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -26,6 +28,57 @@ def entropy_bits(logits: Tensor) -> Tensor:
     p = logp.exp()
     nats = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(dim=-1)
     return nats / math.log(2)
+
+
+SIGNAL_NAMES = ("entropy_bits", "varentropy_bits2", "top1_prob", "margin")
+
+
+@dataclass(frozen=True)
+class TokenSignals:
+    """What a router may read about the distribution a token was drawn from (raw logits, temperature 1).
+
+    `entropy_bits` is the paper's signal; `varentropy_bits2` the variance of the surprisal -log2 p (bits
+    squared); `top1_prob` the largest probability; `margin` the largest minus the second largest.
+    """
+
+    entropy_bits: float
+    varentropy_bits2: float = math.nan
+    top1_prob: float = math.nan
+    margin: float = math.nan
+
+    @classmethod
+    def from_values(cls, values: list[float]) -> TokenSignals:
+        """From one row of `token_signals(...).tolist()`, in SIGNAL_NAMES order."""
+        return cls(*values)
+
+
+def token_signals(logits: Tensor) -> Tensor:
+    """Every signal of TokenSignals for each row: (B, V) -> (B, 4) float32, columns in SIGNAL_NAMES order.
+
+    One pass over the logits on their device, so the engine moves them to the host in the same sync as the
+    sampled tokens.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    log2p = torch.where(p > 0, logp, torch.zeros_like(logp)) / math.log(2)
+    h = -(p * log2p).sum(dim=-1)  # (B,)
+    varentropy = (p * (log2p + h[:, None]) ** 2).sum(dim=-1)
+    top2 = p.topk(2, dim=-1).values  # (B, 2)
+    return torch.stack([h, varentropy, top2[:, 0], top2[:, 0] - top2[:, 1]], dim=-1)
+
+
+class RoutingPolicy(Protocol):
+    """What the engine needs of a router, one per sequence: the model that writes the next token (`active`),
+    `observe` after every generated token with the signals of the distribution it was drawn from, returning
+    the model for the next token, and `last_mean_bits`, the smoothed signal shown in traces.
+
+    `Router` (the paper's rule) is one; a random-routing control or a budget controller are others.
+    """
+
+    active: Role
+    last_mean_bits: float
+
+    def observe(self, signals: TokenSignals) -> Role: ...
 
 
 class RollingMean:
@@ -49,8 +102,9 @@ def choose_model(mean_bits: float, active: Role, tokens_since_switch: int, cfg: 
 class Router:
     """One sequence's routing state: the active model, the entropy window and the dwell counter.
 
-    Call `observe(bits)` once per generated token with the entropy of the distribution that token was drawn
-    from; it returns the role that writes the next token.
+    Call `observe(signals)` once per generated token with the signals of the distribution that token was
+    drawn from (a plain float is taken as its entropy in bits, for scripted streams); it returns the role that
+    writes the next token.
     """
 
     def __init__(self, cfg: RouterConfig) -> None:
@@ -60,7 +114,8 @@ class Router:
         self.tokens_since_switch = 0
         self.last_mean_bits = math.nan
 
-    def observe(self, bits: float) -> Role:
+    def observe(self, signals: TokenSignals | float) -> Role:
+        bits = signals.entropy_bits if isinstance(signals, TokenSignals) else float(signals)
         self.last_mean_bits = self.window.push(bits)
         self.tokens_since_switch += 1
         role = choose_model(self.last_mean_bits, self.active, self.tokens_since_switch, self.cfg)

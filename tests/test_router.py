@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ead.config import Role, RouterConfig
-from ead.router import RollingMean, Router, choose_model, entropy_bits
+from ead.router import RollingMean, Router, TokenSignals, choose_model, entropy_bits, token_signals
 
 
 @pytest.mark.parametrize("vocab", [2, 7, 256, 151936])
@@ -30,6 +30,26 @@ def test_hand_computed_distributions_batched_and_bf16():
     assert got.shape == (2,)
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     assert entropy_bits(logits.bfloat16()).tolist() == pytest.approx(expected, abs=2e-2)
+
+
+def test_token_signals_match_hand_computed_values():
+    # p = (1/2, 1/4, 1/4): surprisals 1, 2, 2 bits; H = 1.5; varentropy = 1/2*(1-1.5)^2 + 1/2*(2-1.5)^2 = 0.25;
+    # top-1 0.5, margin 0.25. p = (0.9, 0.1, 0): H from the formula, top-1 0.9, margin 0.8.
+    probs = [[0.5, 0.25, 0.25], [0.9, 0.1, 0.0]]
+    h2 = -(0.9 * math.log2(0.9) + 0.1 * math.log2(0.1))
+    v2 = 0.9 * (-math.log2(0.9) - h2) ** 2 + 0.1 * (-math.log2(0.1) - h2) ** 2
+    got = token_signals(torch.log(torch.tensor(probs)))
+    assert got.shape == (2, 4)
+    assert got[0].tolist() == pytest.approx([1.5, 0.25, 0.5, 0.25], abs=1e-5)
+    assert got[1].tolist() == pytest.approx([h2, v2, 0.9, 0.8], abs=1e-5)
+    assert TokenSignals.from_values(got[1].tolist()).margin == pytest.approx(0.8, abs=1e-5)
+
+
+def test_router_takes_signals_or_plain_bits_alike():
+    cfg = RouterConfig(threshold_bits=0.5, window_tokens=1, min_dwell_tokens=0)
+    a, b = Router(cfg), Router(cfg)
+    for bits in (0.1, 0.9, 0.2):
+        assert a.observe(bits) is b.observe(TokenSignals(entropy_bits=bits, top1_prob=0.99))
 
 
 def test_rolling_mean_equals_statistics_mean_of_window():
