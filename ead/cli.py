@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != name:  # the module exists but something it imports is missing: say so
+            if not (name == e.name or name.startswith(f"{e.name}.")):  # it exists but lacks an import: say so
                 raise
             continue
         module.register(sub)
