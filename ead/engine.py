@@ -1,32 +1,41 @@
-"""Engine: two model runners and the EAD rule. It knows token ids, routing and timing, nothing about text
-formats or devices beyond what the runners expose.
+"""Engine: two model runners and the EAD rule, for many sequences at once. It knows token ids, routing,
+scheduling and timing, nothing about text formats or devices beyond what the runners expose.
 
-`Engine.step` alone moves the loop, one generated token per call. The runners are opaque: any object with
-`reset()`, `seen` and `feed(ids) -> (V,) logits` works, so a faster backend replaces them without touching
-the rule here.
+`BatchEngine` holds up to `max_batch` sequences in flight, each in a slot of both models' caches, with its own
+router; `step()` advances them. The runners are opaque (see `ead.runner.HFBatchRunner` for their interface),
+so a faster backend replaces them without touching the rule here. `Engine` is the one-sequence view of it.
+
+Scheduling. A decode step of a memory-bound model costs about one read of its weights however many rows take
+part. Rows are therefore stepped in two groups, the rows the router gives to the small model and those it
+gives to the large one, never both in one round: each round steps the group with the most rows per unit of
+its measured step time, so a large step waits until it serves many rows, while a group that has waited
+`max_wait_rounds` rounds is stepped next whatever its size, which bounds the latency this adds to a row. At
+batch 1 there is only ever one group, and the rule is the paper's, token by token.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from ead.config import EngineConfig, Role, RouterConfig
-from ead.errors import CacheCapacityError
+from ead.errors import CacheCapacityError, ConfigError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, summarize
 from ead.pair import ModelPair, Prompt
 from ead.router import Router, RoutingPolicy, TokenSignals, token_signals
-from ead.runner import build_runner, choose_backend
+from ead.runner import build_batch_runner, choose_backend
 from ead.sampling import SamplingParams, sample_next
 from ead.stopping import StopChecker
 
-
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One request in flight: its ids (prompt then generated), routing state, sampler state and trace."""
+    """One request in flight: its ids (prompt then generated), routing state, sampler state and trace.
+    `slot` is its row in both models' caches while it runs (None while waiting or after it finished)."""
 
     prompt_ids: list[int]
     sampling: SamplingParams
@@ -36,107 +45,265 @@ class Sequence:
     ids: list[int] = field(default_factory=list)
     trace: Trace = field(default_factory=Trace)
     finish_reason: str | None = None
+    slot: int | None = None
+    t_added: float = field(default_factory=time.perf_counter)
+    t_started: float | None = None
+    t_finished: float | None = None
 
     @property
     def generated(self) -> list[int]:
         return self.ids[len(self.prompt_ids):]
 
 
-class Engine:
-    def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None,
-                 engine_cfg: EngineConfig | None = None) -> None:
+class BatchEngine:
+    """Up to `max_batch` sequences at once, each routed on its own; more wait in a queue for a free slot.
+
+    Not thread-safe: one thread calls `add`, `step` and `cancel` (a server runs the engine in its own thread).
+    """
+
+    def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
+                 max_batch: int = 16, max_wait_rounds: int = 8) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.pair = pair
         self.cfg = cfg or RouterConfig()
         self.engine_cfg = engine_cfg or EngineConfig()
+        self.max_batch, self.max_wait_rounds = max_batch, max_wait_rounds
         vocab = min(pair.small.model.config.vocab_size, pair.large.model.config.vocab_size)
         models = {Role.SMALL: pair.small.model, Role.LARGE: pair.large.model}
-        self.backend = choose_backend(list(models.values()), self.engine_cfg.backend, pair.device)  # hf | native
-        self.runners = {role: build_runner(m, vocab, self.backend, self.engine_cfg) for role, m in models.items()}
+        self.backend = choose_backend(list(models.values()), self.engine_cfg.backend, pair.device)
+        self.runners = {role: build_batch_runner(m, vocab, self.backend, self.engine_cfg, max_batch)
+                        for role, m in models.items()}
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
+        self.queue: deque[Sequence] = deque()
+        self.slots: list[Sequence | None] = [None] * max_batch
+        # Seconds per step of each model, measured (moving average); until measured, proportional to size.
+        self.step_seconds = {Role.SMALL: pair.small.params / pair.large.params, Role.LARGE: 1.0}
+        self.measured = {Role.SMALL: False, Role.LARGE: False}
+        self.waited = {Role.SMALL: 0, Role.LARGE: 0}  # rounds each group has waited with rows in it
 
-    def start(self, prompt_ids: list[int], sampling: SamplingParams,
-              router: RoutingPolicy | None = None) -> Sequence:
-        """Begin a sequence: check it fits, clear both caches (nothing is computed until a model is needed).
-        `router` replaces the paper's rule (`Router(self.cfg)`) for this sequence."""
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue) or self.running > 0
+
+    def add(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
+            router: RoutingPolicy | None = None) -> Sequence:
+        """Queue a sequence; it starts at the next `step` with a free slot. `router` replaces the paper's rule
+        (`Router(self.cfg)`) for this sequence. Raises CacheCapacityError at once for a prompt that cannot fit."""
+        sampling = sampling or SamplingParams()
+        if not prompt_ids:
+            raise CacheCapacityError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_seq_tokens:
             raise CacheCapacityError(
                 f"the prompt has {len(prompt_ids)} tokens but the models' context holds {self.max_seq_tokens}; "
                 "shorten the prompt")
-        for runner in self.runners.values():
-            runner.reset()
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self.pair.device).manual_seed(sampling.seed)
         eos = () if sampling.ignore_eos else self.pair.eos_token_ids
         stopper = StopChecker(self.pair.decode, eos, sampling.stop, sampling.max_new_tokens)
-        return Sequence(prompt_ids=list(prompt_ids), sampling=sampling, router=router or Router(self.cfg), stopper=stopper,
-                        generator=generator, ids=list(prompt_ids))
+        seq = Sequence(prompt_ids=list(prompt_ids), sampling=sampling, router=router or Router(self.cfg),
+                       stopper=stopper, generator=generator, ids=list(prompt_ids))
+        self.queue.append(seq)
+        return seq
 
-    def step(self, seq: Sequence) -> StepRecord:
-        """Generate one token of `seq` with the model the router chose, then let the router choose again."""
-        t0 = time.perf_counter()
-        role = seq.router.active
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq` now (finish_reason "cancelled") and free its slot; a finished sequence is left as it is."""
+        if seq.finish_reason is not None:
+            return
+        if seq in self.queue:
+            self.queue.remove(seq)
+        seq.finish_reason = "cancelled"
+        self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        seq.t_finished = time.perf_counter()
+        if seq.slot is not None:
+            self.slots[seq.slot] = None
+            seq.slot = None
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free slots, lowest first, so busy rows stay packed at the bottom and the
+        forward passes cover as few cache rows as possible."""
+        for slot in range(self.max_batch):
+            if not self.queue:
+                return
+            if self.slots[slot] is None:
+                seq = self.queue.popleft()
+                for runner in self.runners.values():
+                    runner.reset(slot)
+                seq.slot, seq.t_started = slot, time.perf_counter()
+                self.slots[slot] = seq
+
+    def _choose_group(self, groups: dict[Role, list[Sequence]]) -> Role:
+        """Which group steps this round (see the module docstring)."""
+        nonempty = [role for role, rows in groups.items() if rows]
+        if len(nonempty) == 1:
+            return nonempty[0]
+        starved = [role for role in nonempty if self.waited[role] >= self.max_wait_rounds]
+        if starved:
+            return max(starved, key=lambda role: self.waited[role])
+        return max(nonempty, key=lambda role: len(groups[role]) / self.step_seconds[role])
+
+    def step(self) -> list[tuple[Sequence, StepRecord]]:
+        """One round: one new token for each sequence of the chosen group. Sequences that finish free their
+        slot; queued ones join at the next round. Returns (sequence, record) per new token."""
+        self._admit()
+        active = [seq for seq in self.slots if seq is not None]
+        if not active:
+            return []
+        groups = {role: [seq for seq in active if seq.router.active is role] for role in Role}
+        role = self._choose_group(groups)
+        rows = groups[role]
+        for other in Role:
+            self.waited[other] = 0 if other is role or not groups[other] else self.waited[other] + 1
         runner = self.runners[role]
-        n_generated = len(seq.ids) - len(seq.prompt_ids)
+        t0 = time.perf_counter()
 
-        # 1. The active model reads every token it has not seen, in one forward pass: the prompt on its first
-        #    use, one token in steady state, and after a switch the tokens the other model wrote (catch-up).
-        fed = seq.ids[runner.seen:]
-        logits = runner.feed(fed)                                   # (V,) float32
-        unseen_generated = min(len(fed), n_generated)  # the rest of `fed` is prompt
-        seq.trace.prefill_tokens[role.value] += len(fed) - unseen_generated
+        # 1. The active model reads every token it has not seen, in one forward pass for all rows: the prompt
+        #    on its first use, one token in steady state, and after a switch what the other model wrote.
+        feeds = [seq.ids[runner.seen[seq.slot]:] for seq in rows]
+        logits = runner.feed_many([seq.slot for seq in rows], feeds)  # (n, V) float32
 
-        # 2. The routing signal on the raw logits, and 3. the token from the sampler, both on the device.
-        signals = token_signals(logits[None])[0]  # (4,)
-        token = sample_next(logits[None], seq.sampling, seq.generator)[0]
+        # 2. The routing signals on the raw logits, and 3. the tokens from each row's sampler, on the device.
+        signals = token_signals(logits)  # (n, 4)
+        tokens = self._sample(logits, rows)
 
-        # 4. The one host sync per token: the router branches on numbers. (ids < 2**24 are exact in float32.)
-        *values, token_id = torch.cat([signals, token.to(signals.dtype)[None]]).tolist()
+        # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
+        values = torch.cat([signals, tokens[:, None].to(signals.dtype)], dim=1).tolist()
+        step_ms = (time.perf_counter() - t0) * 1e3
+        self._measure(role, step_ms / 1e3)
+
+        events = []
+        for seq, fed, row in zip(rows, feeds, values):
+            events.append((seq, self._advance(seq, role, fed, row, step_ms)))
+        return events
+
+    def _sample(self, logits: Tensor, rows: list[Sequence]) -> Tensor:
+        if all(seq.sampling.greedy for seq in rows):
+            return logits.argmax(dim=-1)
+        return torch.stack([sample_next(logits[i: i + 1], seq.sampling, seq.generator)[0]
+                            for i, seq in enumerate(rows)])
+
+    def _measure(self, role: Role, seconds: float) -> None:
+        if not self.measured[role]:  # the first step may include graph capture or a prefill: take it as a start
+            self.measured[role] = True
+            if self.measured[Role.SMALL if role is Role.LARGE else Role.LARGE]:
+                self.step_seconds[role] = seconds
+            else:  # keep the size ratio until the other model has a measurement too
+                ratio = self.step_seconds[Role.SMALL] / self.step_seconds[Role.LARGE]
+                self.step_seconds = {role: seconds,
+                                     Role.SMALL if role is Role.LARGE else Role.LARGE:
+                                         seconds / ratio if role is Role.SMALL else seconds * ratio}
+            return
+        self.step_seconds[role] = 0.9 * self.step_seconds[role] + 0.1 * seconds
+
+    def _advance(self, seq: Sequence, role: Role, fed: list[int], row: list[float], step_ms: float) -> StepRecord:
+        """Record one token of `seq`, route its next token, and finish it if it ended."""
+        *values, token_id = row
         token_id = int(token_id)
         sig = TokenSignals.from_values(values)
-        bits_f = sig.entropy_bits
-
-        # 5. Record the token, the switch that let this model write it, and route the next token.
+        n_generated = len(seq.ids) - len(seq.prompt_ids)
+        unseen_generated = min(len(fed), n_generated)  # the rest of `fed` is prompt
+        seq.trace.prefill_tokens[role.value] += len(fed) - unseen_generated
         if n_generated > 0 and role is not seq.trace.steps[-1].role:
             seq.trace.switches.append(SwitchEvent(index=n_generated, to=role, catchup_tokens=unseen_generated))
         seq.ids.append(token_id)
         seq.router.observe(sig)
-        record = StepRecord(index=n_generated, token_id=token_id, role=role, entropy_bits=bits_f,
-                            mean_bits=seq.router.last_mean_bits, fed_tokens=len(fed),
-                            step_ms=(time.perf_counter() - t0) * 1e3)
+        record = StepRecord(index=n_generated, token_id=token_id, role=role, entropy_bits=sig.entropy_bits,
+                            mean_bits=seq.router.last_mean_bits, fed_tokens=len(fed), step_ms=step_ms)
         seq.trace.steps.append(record)
-
-        # 6. Stop on an end-of-sequence id, a stop string, max_new_tokens or a full context.
+        # Stop on an end-of-sequence id, a stop string, max_new_tokens or a full context.
         seq.finish_reason = seq.stopper.update(seq.generated)
         if seq.finish_reason is None and len(seq.ids) >= self.max_seq_tokens:
             seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self._free(seq)
         return record
 
-    def result(self, seq: Sequence, seconds: float) -> GenerateResult:
+    def result(self, seq: Sequence, seconds: float | None = None) -> GenerateResult:
+        """The result of `seq` so far; `seconds` defaults to its time from start to finish (or to now)."""
+        if seconds is None:
+            start = seq.t_started if seq.t_started is not None else seq.t_added
+            seconds = (seq.t_finished or time.perf_counter()) - start
         stats = summarize(seq.trace, self.pair.small.params, self.pair.large.params, seconds)
         return GenerateResult(text=seq.stopper.text, token_ids=seq.generated, prompt_token_ids=seq.prompt_ids,
                               finish_reason=seq.finish_reason or "interrupted", trace=seq.trace, stats=stats)
+
+    def generate_many(self, prompt_ids: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
+                      routers: list[RoutingPolicy] | None = None,
+                      on_step: Callable[[Sequence, StepRecord], None] | None = None) -> list[GenerateResult]:
+        """Run every prompt to the end, `max_batch` at a time; results in input order."""
+        params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompt_ids)
+        if len(params) != len(prompt_ids) or (routers is not None and len(routers) != len(prompt_ids)):
+            raise ConfigError("give one SamplingParams and one router per prompt, or a single SamplingParams")
+        seqs = [self.add(ids, p, routers[i] if routers else None) for i, (ids, p) in enumerate(zip(prompt_ids, params))]
+        try:
+            while any(seq.finish_reason is None for seq in seqs):
+                for seq, record in self.step():
+                    if on_step is not None:
+                        on_step(seq, record)
+        except BaseException:
+            for seq in seqs:
+                self.cancel(seq)
+            raise
+        return [self.result(seq) for seq in seqs]
+
+
+class Engine:
+    """One sequence at a time: a BatchEngine with one slot, driven token by token (the CLI's streaming path)."""
+
+    def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None,
+                 engine_cfg: EngineConfig | None = None) -> None:
+        self.batch = BatchEngine(pair, cfg, engine_cfg, max_batch=1)
+        self.pair, self.cfg, self.engine_cfg = pair, self.batch.cfg, self.batch.engine_cfg
+        self.backend, self.runners, self.max_seq_tokens = self.batch.backend, self.batch.runners, self.batch.max_seq_tokens
+
+    def start(self, prompt_ids: list[int], sampling: SamplingParams,
+              router: RoutingPolicy | None = None) -> Sequence:
+        """Begin a sequence, dropping any unfinished one. `router` replaces the paper's rule for it."""
+        for seq in list(self.batch.queue) + [s for s in self.batch.slots if s is not None]:
+            self.batch.cancel(seq)
+        return self.batch.add(prompt_ids, sampling, router)
+
+    def step(self, seq: Sequence) -> StepRecord:
+        """Generate one token of `seq` with the model the router chose, then let the router choose again."""
+        [(stepped, record)] = self.batch.step()
+        assert stepped is seq, "Engine.step was given a sequence other than the one started last"
+        return record
+
+    def result(self, seq: Sequence, seconds: float | None = None) -> GenerateResult:
+        return self.batch.result(seq, seconds)
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
                  on_step: Callable[[Sequence, StepRecord], None] | None = None,
                  router: RoutingPolicy | None = None) -> GenerateResult:
         """Run one sequence to the end. `on_step` sees every token as it is made (streaming, progress)."""
         seq = self.start(prompt_ids, sampling or SamplingParams(), router)
-        t0 = time.perf_counter()
         while seq.finish_reason is None:
             record = self.step(seq)
             if on_step is not None:
                 on_step(seq, record)
-        return self.result(seq, time.perf_counter() - t0)
+        return self.result(seq)
 
 
 def generate(pair: ModelPair, prompts: Prompt | list[Prompt], config: RouterConfig | None = None,
-             sampling: SamplingParams | None = None) -> list[GenerateResult]:
-    """EAD on each input in turn: a plain prompt (str) or chat messages (list of {'role', 'content'} dicts),
-    or a list of those. Returns one GenerateResult per input, in order."""
-    engine = Engine(pair, config)
+             sampling: SamplingParams | list[SamplingParams] | None = None, engine_config: EngineConfig | None = None,
+             max_batch: int = 16, routers: list[RoutingPolicy] | None = None) -> list[GenerateResult]:
+    """EAD on each input: a plain prompt (str) or chat messages (list of {'role', 'content'} dicts), or a list
+    of those, run `max_batch` at a time, each routed on its own. Returns one GenerateResult per input, in order.
+    With greedy decoding (or a seed per request) each output is the one that input gets alone."""
     batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
-    return [engine.generate(pair.encode(p), sampling) for p in batch]
+    engine = BatchEngine(pair, config, engine_config, max_batch=max(1, min(max_batch, len(batch))))
+    return engine.generate_many([pair.encode(p) for p in batch], sampling, routers)
 
 
 def _is_messages(x: object) -> bool:

@@ -115,6 +115,128 @@ class NativeRunner:
         return logits[: self.vocab_size]
 
 
+class HFBatchRunner:
+    """The batched runner interface over transformers: one ModelRunner (its own DynamicCache) per slot, fed
+    one after another. Correct for any architecture and slow; the fallback and the reference.
+
+    The batched interface, shared by every backend: `max_batch`, `max_seq_tokens`, `vocab_size`, `seen[slot]`
+    (tokens the slot's cache holds), `reset(slot)`, and `feed_many(slots, ids) -> (len(slots), V)` float32,
+    which appends `ids[i]` (at least one token, counts may differ) to slot `slots[i]` and returns the logits
+    after each slot's last new token. Slots not listed are untouched.
+    """
+
+    def __init__(self, model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
+                 max_batch: int = 1) -> None:
+        self.rows = [ModelRunner(model, vocab_size, max_seq_tokens) for _ in range(max_batch)]
+        self.max_batch, self.vocab_size = max_batch, vocab_size
+        self.max_seq_tokens = self.rows[0].max_seq_tokens
+
+    @property
+    def seen(self) -> list[int]:
+        return [r.seen for r in self.rows]
+
+    def reset(self, slot: int) -> None:
+        self.rows[slot].reset()
+
+    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]]) -> Tensor:
+        return torch.stack([self.rows[s].feed(t) for s, t in zip(slots, ids, strict=True)])
+
+
+class NativeBatchRunner:
+    """ead's decoder on a KVCache of `max_batch` rows, one slot per row, allocated once.
+
+    `feed_many` runs at most two forward passes over cache rows 0..B-1, B the smallest bucket (1, 2, 4, ...,
+    max_batch) holding every listed slot, with unlisted rows idle (valid length 0):
+    1. catch-up: the slots that bring more than one token feed all but their last, ragged, in one eager pass;
+    2. decode: every listed slot feeds its last token, on CUDA as a replayed graph for (B, span bucket).
+    Attention reads a span of slots bucketed to a power of two (at least 256) over the longest row, so a short
+    sequence does not pay for reading the whole preallocated context. Host-side bookkeeping (`seen`) means
+    no device sync here; the engine's one sync per step comes after sampling.
+    """
+
+    MIN_SPAN = 256
+
+    def __init__(self, model: Transformer, vocab_size: int, max_seq_tokens: int | None = None,
+                 cuda_graphs: bool = True, max_batch: int = 1) -> None:
+        self.model = model
+        weight = model.tok_embeddings.weight
+        self.device = weight.device
+        self.vocab_size, self.max_batch = vocab_size, max_batch
+        limit = model.args.max_position_embeddings
+        self.max_seq_tokens = resolve_max_seq_tokens(max_seq_tokens, limit, min(limit, DEFAULT_NATIVE_MAX_SEQ_TOKENS))
+        self.cache = KVCache.for_model(model.args, max_batch=max_batch, max_seq_tokens=self.max_seq_tokens,
+                                       dtype=weight.dtype, device=self.device)
+        self.seen = [0] * max_batch
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+
+    @classmethod
+    def from_hf(cls, hf_model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
+                cuda_graphs: bool = True, max_batch: int = 1) -> NativeBatchRunner:
+        """See NativeRunner.from_hf for the memory this takes beside the transformers model."""
+        return cls(load_native(hf_model, hf_model.device, hf_model.dtype), vocab_size, max_seq_tokens, cuda_graphs,
+                   max_batch)
+
+    def reset(self, slot: int) -> None:
+        self.cache.reset_row(slot)
+        self.seen[slot] = 0
+
+    def span(self, longest: int) -> int:
+        """Slots attention reads for rows of at most `longest` tokens: a power of two >= MIN_SPAN, capped at
+        the whole cache (trash slot included)."""
+        return min(self.cache.trash_slot + 1, max(self.MIN_SPAN, 1 << (longest - 1).bit_length()))
+
+    def capture_graphs(self, batches: Sequence[int] | None = None, longest: Sequence[int] | None = None) -> None:
+        """Capture decode graphs ahead of time (otherwise each is captured on first use, ~0.1 s each)."""
+        for b in batches or self.buckets:
+            for n in longest or [self.max_seq_tokens]:
+                self._graph(b, self.span(n))
+
+    def _graph(self, batch: int, span: int) -> DecodeGraph:
+        key = (batch, span)
+        if key not in self.graphs:
+            self.graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool)
+        return self.graphs[key]
+
+    @torch.inference_mode()
+    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]]) -> Tensor:
+        assert slots and all(ids), "feed_many needs at least one slot and one new token per slot"
+        new_lengths = [self.seen[s] + len(t) for s, t in zip(slots, ids, strict=True)]
+        self.cache.check_capacity(slots, new_lengths)  # host-side numbers: no device sync
+        batch = next(b for b in self.buckets if b > max(slots))
+        span = self.span(max(new_lengths))
+        dev = self.device
+
+        lagging = [(s, t[:-1]) for s, t in zip(slots, ids) if len(t) > 1]
+        if lagging:  # 1. catch-up, ragged: one eager pass for every slot that missed tokens
+            width = max(len(t) for _, t in lagging)
+            tokens = torch.zeros((batch, width), dtype=torch.int64)
+            positions = torch.zeros((batch, width), dtype=torch.int64)
+            valid = torch.zeros(batch, dtype=torch.int64)
+            for s, t in lagging:
+                tokens[s, :len(t)] = torch.tensor(t)
+                positions[s] = torch.arange(self.seen[s], self.seen[s] + width)
+                valid[s] = len(t)
+                self.seen[s] += len(t)
+            self.model(tokens.to(dev), positions.to(dev), self.cache, valid.to(dev), last_only=True, kv_len=span)
+
+        # 2. decode: the last token of every listed slot. One host-to-device copy carries the token ids,
+        #    positions, valid flags and the slots to read logits from.
+        host = torch.zeros((4, batch), dtype=torch.int64)  # tokens, positions, valid, slots (first len(slots))
+        for i, (s, t) in enumerate(zip(slots, ids)):
+            host[0, s], host[1, s], host[2, s], host[3, i] = t[-1], self.seen[s], 1, s
+            self.seen[s] += 1
+        tokens, positions, valid, index = host.to(dev, non_blocking=True)
+        if self.use_graphs:
+            logits = self._graph(batch, span).run_rows(tokens, positions, valid)
+        else:
+            logits = self.model(tokens[:, None], positions[:, None], self.cache, valid, last_only=True,
+                                kv_len=span).float()
+        return logits.index_select(0, index[: len(slots)])[:, : self.vocab_size]
+
+
 def resolve_max_seq_tokens(asked: int | None, limit: int, default: int) -> int:
     """The tokens a runner holds: `asked`, or `default` when None; more than the model's `limit` positions
     is refused, since rotary positions past the trained range give a model no meaning."""
@@ -142,6 +264,14 @@ def choose_backend(models: Sequence[PreTrainedModel], backend: str, device: torc
                           f"{getattr(m.config, 'model_type', None)!r} has no native decoder: {e}", stacklevel=3)
             return "hf"
     return "native"
+
+
+def build_batch_runner(model: PreTrainedModel, vocab_size: int, backend: str, cfg: EngineConfig,
+                       max_batch: int) -> HFBatchRunner | NativeBatchRunner:
+    """The batched runner (`max_batch` slots) for one model of the pair; see HFBatchRunner for the interface."""
+    if backend == "native":
+        return NativeBatchRunner.from_hf(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs, max_batch)
+    return HFBatchRunner(model, vocab_size, cfg.max_seq_tokens, max_batch)
 
 
 def build_runner(model: PreTrainedModel, vocab_size: int, backend: str,

@@ -19,7 +19,7 @@ from ead.cli import main
 from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import Engine
 from ead.errors import CacheCapacityError, ConfigError
-from ead.runner import ModelRunner, NativeRunner, choose_backend
+from ead.runner import HFBatchRunner, ModelRunner, NativeRunner, choose_backend
 from ead.sampling import SamplingParams
 
 from conftest import ARCHS
@@ -132,7 +132,7 @@ def test_max_seq_tokens_caps_the_context_of_either_backend(tiny_pairs, engine_cf
 
 def test_default_engine_on_cpu_keeps_transformers(tiny_pairs):
     engine = Engine(ead.load_pair(*tiny_pairs["qwen3"], device="cpu"))
-    assert engine.backend == "hf" and all(isinstance(r, ModelRunner) for r in engine.runners.values())
+    assert engine.backend == "hf" and all(isinstance(r, HFBatchRunner) for r in engine.runners.values())
 
 
 def test_auto_backend_picks_native_on_cuda_and_warns_on_an_unsupported_family():
@@ -150,7 +150,7 @@ def test_auto_backend_picks_native_on_cuda_and_warns_on_an_unsupported_family():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(backend="tpu"), "backend must be one of auto, hf, native, got 'tpu'"),
+    (dict(backend="tpu"), "backend must be one of auto, hf, native, llamacpp, got 'tpu'"),
     (dict(cuda_graphs="yes"), "cuda_graphs must be True or False"),
     (dict(max_seq_tokens=1), "max_seq_tokens must be an integer >= 2"),
     (dict(max_seq_tokens=100.0), "max_seq_tokens must be an integer"),

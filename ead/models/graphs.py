@@ -1,4 +1,4 @@
-"""CUDA graph capture and replay of the batch-1, one-token decode step.
+"""CUDA graph capture and replay of the one-token decode step, for a batch of B cache rows.
 
 Decoding one token of a 1.5B model is about a thousand small kernels. Launched one by one from Python, the GPU
 spends most of each step waiting for the CPU (transformers' eager decode runs about 12 tok/s on an H100 at
@@ -21,42 +21,56 @@ WARMUP_STEPS = 3  # lazy initialisation (cuBLAS handles, workspaces) must happen
 
 
 class DecodeGraph:
-    """One captured decode step of `model` on row 0 of `cache`: (token id, position) -> (V,) float32 logits.
+    """One captured decode step of `model` on rows 0..batch-1 of `cache`, attending over the first `kv_len`
+    slots (None = all): (token id, position, valid) per row -> (batch, V) float32 logits.
 
-    Replay runs exactly the kernels of an eager `model(tokens, positions, cache, last_only=True)` for one
-    token, writing its key and value at `position` and advancing `cache.lengths[0]` by one, so graph and
-    eager decode give the same tokens. Decode attends over all max_seq_tokens + 1 cache slots, masked, since
-    the graph's shapes are static: it reads the whole cache every step (for Qwen2.5-14B at 4096 slots, about
-    0.8 GB of keys and values per token beside 29.5 GB of weights), which a length-aware kernel would skip.
+    Replay runs exactly the kernels of an eager `model(tokens, positions, cache, valid, last_only=True,
+    kv_len=kv_len)` for one token per row, writing each valid row's key and value at its position and
+    advancing its `cache.lengths` by one; rows with valid 0 are untouched. Graph and eager decode give the same
+    tokens. Shapes are static, so attention reads all `kv_len` slots of every row, masked: the runner keeps
+    one graph per (batch bucket, kv_len bucket) so that short sequences read short spans.
     """
 
     @torch.inference_mode()
-    def __init__(self, model: Transformer, cache: KVCache, pool: tuple[int, int] | None = None) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, batch: int = 1, kv_len: int | None = None,
+                 pool: tuple[int, int] | None = None) -> None:
         device = cache.k.device
         assert device.type == "cuda", f"CUDA graphs need a CUDA cache, got {device}"
-        self.tokens = torch.zeros((1, 1), dtype=torch.int64, device=device)  # (B, T) = (1, 1)
-        # Warm-up runs write their key and value to the trash slot (position = trash slot), and the length
-        # they add is put back afterwards, so a graph can be captured mid-sequence without touching it.
-        self.positions = torch.full((1, 1), cache.trash_slot, dtype=torch.int64, device=device)
-        lengths = cache.lengths.clone()
+        self.batch, self.kv_len = batch, kv_len
+        self.tokens = torch.zeros((batch, 1), dtype=torch.int64, device=device)  # (B, T=1)
+        # Warm-up runs are padding (valid 0): keys and values go to the trash slot and no length moves, so a
+        # graph can be captured mid-sequence without touching the cache's real contents.
+        self.positions = torch.zeros((batch, 1), dtype=torch.int64, device=device)
+        self.valid = torch.zeros((batch,), dtype=torch.int64, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                model(self.tokens, self.positions, cache, last_only=True)
+                model(self.tokens, self.positions, cache, self.valid, last_only=True, kv_len=kv_len)
         torch.cuda.current_stream(device).wait_stream(side)
 
         # Capture records kernels without running them: the cache is untouched until the first replay.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model(self.tokens, self.positions, cache, last_only=True)[0].float()  # (V,)
-        cache.lengths.copy_(lengths)
+            self.logits = model(self.tokens, self.positions, cache, self.valid, last_only=True,
+                                kv_len=kv_len).float()  # (B, V)
+        self.valid.fill_(1)
 
     @torch.inference_mode()  # the static buffers were made in inference mode and may only change in it
     def run(self, token_id: int, position: int) -> Tensor:
-        """Decode `token_id` at `position` (= cache.lengths[0]) and return (V,) float32 logits. The tensor is
-        the graph's static output: the next `run` overwrites it."""
+        """Batch 1: decode `token_id` at `position` (= cache.lengths[0]) and return (V,) float32 logits. The
+        tensor is the graph's static output: the next replay overwrites it."""
         self.tokens.fill_(token_id)  # fill_ from a host int is a kernel argument: no copy, no sync
         self.positions.fill_(position)
+        self.graph.replay()
+        return self.logits[0]
+
+    @torch.inference_mode()
+    def run_rows(self, tokens: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        """Decode one token per row: tokens, positions, valid (B,) int64 (valid 0 leaves a row idle).
+        Returns the static (B, V) float32 logits, overwritten by the next replay."""
+        self.tokens.copy_(tokens[:, None], non_blocking=True)
+        self.positions.copy_(positions[:, None], non_blocking=True)
+        self.valid.copy_(valid, non_blocking=True)
         self.graph.replay()
         return self.logits

@@ -35,7 +35,7 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device | str) -> None:
         shape = (n_layers, max_batch, n_kv_heads, max_seq_tokens + 1, head_dim)
         self.max_batch, self.max_seq_tokens = max_batch, max_seq_tokens
-        # zeros, not empty: slots never written (the trash slot of an idle row) must hold finite numbers.
+        # zeros, not empty: padding queries attend to slot 0, which must hold finite numbers before any write.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)

@@ -140,8 +140,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
                 rows: Tensor, slots: Tensor) -> Tensor:
-        """x: (B, T, dim); mask: (B, 1, T, S+1) bool; k_cache, v_cache: (max_batch, Hkv, S+1, D), written in
-        place at (rows, slots), both (B, T)-broadcastable. Returns (B, T, dim)."""
+        """x: (B, T, dim); mask: (B, 1, T, L) bool, L <= S+1 the slots attended; k_cache, v_cache:
+        (max_batch, Hkv, S+1, D), written in place at (rows, slots), both (B, T)-broadcastable. Returns
+        (B, T, dim)."""
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -154,9 +155,10 @@ class Attention(nn.Module):
         # Advanced indices split by a slice put their (B, T) dims first: k_cache[rows, :, slots] is (B, T, Hkv, D).
         k_cache[rows, :, slots] = k
         v_cache[rows, :, slots] = v
-        # Attend over all S+1 slots of the B rows (views, no copy); the mask keeps each row to its own prefix.
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:B], v_cache[:B], attn_mask=mask,
-                                           enable_gqa=True)  # (B, H, T, D)
+        # Attend over the first L slots of the B rows (views, no copy); the mask keeps each row to its prefix.
+        L = mask.shape[-1]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:B, :, :L], v_cache[:B, :, :L],
+                                           attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -191,12 +193,12 @@ def attention_mask(positions: Tensor, is_real: Tensor, n_slots: int) -> Tensor:
     A real query at position p sees slots 0..p of its row: its cached prefix plus, causally, this call's new
     tokens, which are written before attention. Positions alone suffice because a row's real tokens sit at
     cache.lengths[b] + 0, 1, ...; slots past them hold stale keys of a reset row or pads, never seen.
-    A padding query sees only the trash slot (the last), so no softmax row is empty and none turns NaN,
-    even in an idle row that holds no token yet.
+    A padding query sees only slot 0 (finite: zeros or an old key), so no softmax row is empty and none
+    turns NaN, even in an idle row that holds no token yet; its output is discarded.
     """
     slot = torch.arange(n_slots, device=positions.device)
-    sees = torch.where(is_real[..., None], slot <= positions[..., None], slot == n_slots - 1)  # (B, T, S+1)
-    return sees[:, None]  # (B, 1, T, S+1): one mask shared by all heads
+    sees = torch.where(is_real[..., None], slot <= positions[..., None], slot == 0)  # (B, T, n_slots)
+    return sees[:, None]  # (B, 1, T, n_slots): one mask shared by all heads
 
 
 class Transformer(nn.Module):
@@ -213,7 +215,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, valid_lengths: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, kv_len: int | None = None) -> Tensor:
         """Logits for T new tokens per row; writes their keys/values and advances `cache.lengths[:B]`.
 
         tokens, positions: (B, T) int64; batch row b is cache row b. Row b's first valid_lengths[b] tokens
@@ -222,6 +224,9 @@ class Transformer(nn.Module):
         outputs are finite garbage. valid_lengths: (B,) int64 in 0..T, None when all T are real; 0 leaves a row
         idle. Call `cache.check_capacity` first. Returns (B, T, V) logits in the weights' dtype, or with
         `last_only` (B, V) at each row's last valid token (catch-up needs no more).
+        `kv_len` (a Python int, default all S+1 slots) bounds the slots attention reads: it must exceed every
+        real position of the call. Decode reads the whole attended span of every row, so a short span for
+        short sequences saves reading keys and values that the mask would hide anyway.
         """
         B, T = tokens.shape
         if valid_lengths is None:
@@ -229,7 +234,7 @@ class Transformer(nn.Module):
         is_real = torch.arange(T, device=tokens.device) < valid_lengths[:, None]  # (B, T)
         slots = torch.where(is_real, positions, cache.trash_slot)  # (B, T): where each token's k/v goes
         rows = torch.arange(B, device=tokens.device)[:, None]  # (B, 1), broadcast against slots
-        mask = attention_mask(positions, is_real, cache.trash_slot + 1)
+        mask = attention_mask(positions, is_real, kv_len or cache.trash_slot + 1)
 
         freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D), broadcast over heads

@@ -159,10 +159,12 @@ def test_attention_mask_by_hand():
     positions = torch.tensor([[2, 3], [0, 1]])
     is_real = torch.tensor([[True, True], [False, False]])
     expected = torch.tensor([[[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]],
-                             [[0, 0, 0, 0, 1], [0, 0, 0, 0, 1]]], dtype=torch.bool)
+                             [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]], dtype=torch.bool)
     # torch 2.13's CPU attention returns zeros for an all-False row, but CUDA kernels may return NaN,
-    # so the trash slot that keeps pad rows non-empty is checked here rather than through logits.
+    # so slot 0, which keeps pad rows non-empty, is checked here rather than through logits.
     assert torch.equal(attention_mask(positions, is_real, n_slots=5)[:, 0], expected)
+    # A shorter attended span (kv_len) cuts the same mask: the real queries' slots all lie inside it.
+    assert torch.equal(attention_mask(positions, is_real, n_slots=4)[:, 0], expected[..., :4])
 
 
 def test_from_hf_config_reads_rope_heads_and_ties():
