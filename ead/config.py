@@ -87,7 +87,8 @@ class EngineConfig:
     """Where and how the models run. `device`/`dtype` None pick cuda+bfloat16 when available, else cpu+float32.
 
     `backend`: "hf" runs the transformers models eagerly; "native" runs ead's own decoder (ead.models) with a
-    preallocated KV cache and, on CUDA with `cuda_graphs`, the one-token decode step as a replayed CUDA graph;
+    preallocated KV cache and, on CUDA with `cuda_graphs`, the one-token decode step as a replayed CUDA graph
+    (with `fused_kernels`, the elementwise parts of each step compiled by torch.compile into few kernels);
     "auto" picks native on CUDA when both models are of a family it implements, else hf (and on CPU, where
     transformers is the reference the tests compare against). `max_seq_tokens` caps prompt plus generated
     tokens; None means each model's max_position_embeddings, and for native at most 4096 (the cache size).
@@ -97,6 +98,7 @@ class EngineConfig:
     dtype: str | None = None
     backend: str = "auto"
     cuda_graphs: bool = True
+    fused_kernels: bool = True
     max_seq_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -104,8 +106,9 @@ class EngineConfig:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "fused_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_seq_tokens is not None:
             _check_int("max_seq_tokens", self.max_seq_tokens, minimum=2)  # a prompt token and a generated one
 

@@ -7,10 +7,13 @@ so a faster backend replaces them without touching the rule here. `Engine` is th
 
 Scheduling. A decode step of a memory-bound model costs about one read of its weights however many rows take
 part. Rows are therefore stepped in two groups, the rows the router gives to the small model and those it
-gives to the large one, never both in one round: each round steps the group with the most rows per unit of
-its measured step time, so a large step waits until it serves many rows, while a group that has waited
-`max_wait_rounds` rounds is stepped next whatever its size, which bounds the latency this adds to a row. At
-batch 1 there is only ever one group, and the rule is the paper's, token by token.
+gives to the large one, never both in one round. The large group steps once it holds at least `large_fill`
+of the running rows (or is alone); until then the small group steps, cheaply, and its rows join the large
+group as their routers switch, so that a large step serves many rows. A group that has waited longer than
+`max_wait_steps` large-model steps is stepped next whatever its size, which bounds the latency this adds to a
+row. The engine counts rounds and rows per group in `rounds` and `rows_stepped`; BENCHMARKS.md has what this
+gives against large-only at each batch size, and why rows routed independently cannot always win. At batch 1
+there is only ever one group, and the rule is the paper's, token by token.
 """
 
 from __future__ import annotations
@@ -62,25 +65,34 @@ class BatchEngine:
     """
 
     def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
-                 max_batch: int = 16, max_wait_rounds: int = 8) -> None:
+                 max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.pair = pair
         self.cfg = cfg or RouterConfig()
         self.engine_cfg = engine_cfg or EngineConfig()
-        self.max_batch, self.max_wait_rounds = max_batch, max_wait_rounds
-        vocab = min(pair.small.model.config.vocab_size, pair.large.model.config.vocab_size)
+        if isinstance(max_wait_steps, bool) or not isinstance(max_wait_steps, (int, float)) or max_wait_steps < 0:
+            raise ConfigError(f"max_wait_steps must be a number >= 0, got {max_wait_steps!r}")
+        if isinstance(large_fill, bool) or not isinstance(large_fill, (int, float)) or not 0 <= large_fill <= 1:
+            raise ConfigError(f"large_fill must be a fraction in [0, 1], got {large_fill!r}")
+        self.max_batch, self.max_wait_steps, self.large_fill = max_batch, max_wait_steps, large_fill
         models = {Role.SMALL: pair.small.model, Role.LARGE: pair.large.model}
+        vocab = min(_vocab_size(m) for m in models.values())
         self.backend = choose_backend(list(models.values()), self.engine_cfg.backend, pair.device)
         self.runners = {role: build_batch_runner(m, vocab, self.backend, self.engine_cfg, max_batch)
                         for role, m in models.items()}
+        # On CUDA the routing signals are a dozen small kernels per round; compiled, they are one or two.
+        fuse = self.backend == "native" and torch.device(pair.device).type == "cuda" and self.engine_cfg.fused_kernels
+        self.token_signals = torch.compile(token_signals, dynamic=True) if fuse else token_signals
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
         self.queue: deque[Sequence] = deque()
         self.slots: list[Sequence | None] = [None] * max_batch
         # Seconds per step of each model, measured (moving average); until measured, proportional to size.
         self.step_seconds = {Role.SMALL: pair.small.params / pair.large.params, Role.LARGE: 1.0}
         self.measured = {Role.SMALL: False, Role.LARGE: False}
-        self.waited = {Role.SMALL: 0, Role.LARGE: 0}  # rounds each group has waited with rows in it
+        self.waited = {Role.SMALL: 0.0, Role.LARGE: 0.0}  # seconds each group has waited with rows in it
+        self.rounds = {Role.SMALL: 0, Role.LARGE: 0}
+        self.rows_stepped = {Role.SMALL: 0, Role.LARGE: 0}
 
     @property
     def running(self) -> int:
@@ -93,6 +105,13 @@ class BatchEngine:
     @property
     def has_work(self) -> bool:
         return bool(self.queue) or self.running > 0
+
+    def warm_up(self, longest: int) -> None:
+        """Capture ahead every CUDA graph that sequences of up to `longest` tokens can need, so that no capture
+        (a few forward passes each) falls inside a timed or latency-sensitive run."""
+        for runner in self.runners.values():
+            if hasattr(runner, "capture_graphs"):
+                runner.capture_graphs(min(longest, runner.max_seq_tokens))
 
     def add(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
             router: RoutingPolicy | None = None) -> Sequence:
@@ -148,10 +167,12 @@ class BatchEngine:
         nonempty = [role for role, rows in groups.items() if rows]
         if len(nonempty) == 1:
             return nonempty[0]
-        starved = [role for role in nonempty if self.waited[role] >= self.max_wait_rounds]
+        bound = self.max_wait_steps * self.step_seconds[Role.LARGE]
+        starved = [role for role in nonempty if self.waited[role] > bound]
         if starved:
             return max(starved, key=lambda role: self.waited[role])
-        return max(nonempty, key=lambda role: len(groups[role]) / self.step_seconds[role])
+        n_large, n_small = len(groups[Role.LARGE]), len(groups[Role.SMALL])
+        return Role.LARGE if n_large >= self.large_fill * (n_large + n_small) else Role.SMALL
 
     def step(self) -> list[tuple[Sequence, StepRecord]]:
         """One round: one new token for each sequence of the chosen group. Sequences that finish free their
@@ -163,8 +184,6 @@ class BatchEngine:
         groups = {role: [seq for seq in active if seq.router.active is role] for role in Role}
         role = self._choose_group(groups)
         rows = groups[role]
-        for other in Role:
-            self.waited[other] = 0 if other is role or not groups[other] else self.waited[other] + 1
         runner = self.runners[role]
         t0 = time.perf_counter()
 
@@ -174,13 +193,17 @@ class BatchEngine:
         logits = runner.feed_many([seq.slot for seq in rows], feeds)  # (n, V) float32
 
         # 2. The routing signals on the raw logits, and 3. the tokens from each row's sampler, on the device.
-        signals = token_signals(logits)  # (n, 4)
+        signals = self.token_signals(logits)  # (n, 4)
         tokens = self._sample(logits, rows)
 
         # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
         values = torch.cat([signals, tokens[:, None].to(signals.dtype)], dim=1).tolist()
         step_ms = (time.perf_counter() - t0) * 1e3
         self._measure(role, step_ms / 1e3)
+        for other in Role:
+            self.waited[other] = 0.0 if other is role or not groups[other] else self.waited[other] + step_ms / 1e3
+        self.rounds[role] += 1
+        self.rows_stepped[role] += len(rows)
 
         events = []
         for seq, fed, row in zip(rows, feeds, values):
@@ -293,6 +316,11 @@ class Engine:
             if on_step is not None:
                 on_step(seq, record)
         return self.result(seq)
+
+
+def _vocab_size(model) -> int:
+    """Output width of a transformers model, of ead's decoder, or of another backend's model handle."""
+    return model.args.vocab_size if hasattr(model, "args") else model.config.vocab_size
 
 
 def generate(pair: ModelPair, prompts: Prompt | list[Prompt], config: RouterConfig | None = None,

@@ -27,3 +27,7 @@ class CacheCapacityError(EADError):
 
 class RequestError(EADError, ValueError):
     """A bad request: an empty prompt, malformed chat messages, a chat prompt for a model without a template."""
+
+
+class DatasetError(EADError, ValueError):
+    """A benchmark that cannot be read: an unknown dataset name, a missing file, a line without the needed keys."""

@@ -27,7 +27,7 @@ from ead.errors import ConfigError, ModelLoadError
 from ead.models.graphs import DecodeGraph
 from ead.models.kv_cache import KVCache
 from ead.models.loader import load_native
-from ead.models.transformer import ModelArgs, Transformer
+from ead.models.transformer import EAGER, ModelArgs, Transformer
 
 # The native cache is allocated up front for the whole context, so its default is bounded: 4096 tokens cost
 # Qwen2.5-14B 0.8 GB of keys and values, where its 32768 positions would cost 6.4 GB per model.
@@ -145,20 +145,25 @@ class HFBatchRunner:
 class NativeBatchRunner:
     """ead's decoder on a KVCache of `max_batch` rows, one slot per row, allocated once.
 
-    `feed_many` runs at most two forward passes over cache rows 0..B-1, B the smallest bucket (1, 2, 4, ...,
-    max_batch) holding every listed slot, with unlisted rows idle (valid length 0):
-    1. catch-up: the slots that bring more than one token feed all but their last, ragged, in one eager pass;
-    2. decode: every listed slot feeds its last token, on CUDA as a replayed graph for (B, span bucket).
-    Attention reads a span of slots bucketed to a power of two (at least 256) over the longest row, so a short
-    sequence does not pay for reading the whole preallocated context. Host-side bookkeeping (`seen`) means
-    no device sync here; the engine's one sync per step comes after sampling.
+    `feed_many` runs at most two forward passes:
+    1. catch-up: the slots that bring more than one token (a prompt, or what the other model wrote) feed all
+       of them in one pass over just those rows (gathered), right-padded to a width bucket;
+    2. decode: the slots that bring one token, over cache rows 0..B-1, B the smallest batch bucket (1, 2, 4,
+       ..., max_batch) holding them, other rows idle.
+    On CUDA both are replayed graphs, one per (rows, width, span) bucket, captured on first use (or ahead with
+    `capture_graphs`); a catch-up of more than MAX_GRAPH_TOKENS padded tokens (a long prompt, or many rows at
+    once) runs eagerly, where launches matter less beside its compute. Attention reads a span of slots bucketed to a
+    power of two (at least 256) over the longest row, so a short sequence does not pay for the whole
+    preallocated context. Host-side bookkeeping (`seen`) means no device sync here.
     """
 
     MIN_SPAN = 256
+    MAX_GRAPH_WIDTH = 256
+    MAX_GRAPH_TOKENS = 1024
 
     def __init__(self, model: Transformer, vocab_size: int, max_seq_tokens: int | None = None,
-                 cuda_graphs: bool = True, max_batch: int = 1) -> None:
-        self.model = model
+                 cuda_graphs: bool = True, max_batch: int = 1, fused_kernels: bool = False) -> None:
+        self.model = model.fuse() if fused_kernels and model.tok_embeddings.weight.is_cuda else model
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.vocab_size, self.max_batch = vocab_size, max_batch
@@ -168,16 +173,15 @@ class NativeBatchRunner:
                                        dtype=weight.dtype, device=self.device)
         self.seen = [0] * max_batch
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
 
     @classmethod
     def from_hf(cls, hf_model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
-                cuda_graphs: bool = True, max_batch: int = 1) -> NativeBatchRunner:
+                cuda_graphs: bool = True, max_batch: int = 1, fused_kernels: bool = False) -> NativeBatchRunner:
         """See NativeRunner.from_hf for the memory this takes beside the transformers model."""
         return cls(load_native(hf_model, hf_model.device, hf_model.dtype), vocab_size, max_seq_tokens, cuda_graphs,
-                   max_batch)
+                   max_batch, fused_kernels)
 
     def reset(self, slot: int) -> None:
         self.cache.reset_row(slot)
@@ -186,18 +190,33 @@ class NativeBatchRunner:
     def span(self, longest: int) -> int:
         """Slots attention reads for rows of at most `longest` tokens: a power of two >= MIN_SPAN, capped at
         the whole cache (trash slot included)."""
-        return min(self.cache.trash_slot + 1, max(self.MIN_SPAN, 1 << (longest - 1).bit_length()))
+        return min(self.cache.trash_slot + 1, max(self.MIN_SPAN, _pow2(longest)))
 
-    def capture_graphs(self, batches: Sequence[int] | None = None, longest: Sequence[int] | None = None) -> None:
-        """Capture decode graphs ahead of time (otherwise each is captured on first use, ~0.1 s each)."""
-        for b in batches or self.buckets:
-            for n in longest or [self.max_seq_tokens]:
-                self._graph(b, self.span(n))
+    def _catch_up_buckets(self) -> set[tuple[int, int]]:
+        """(rows, width) buckets whose catch-up runs as a graph."""
+        rows = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= _pow2(self.max_batch)]
+        widths = [1 << i for i in range(3, self.MAX_GRAPH_WIDTH.bit_length())]
+        return {(n, w) for n in rows for w in widths if n * w <= self.MAX_GRAPH_TOKENS}
 
-    def _graph(self, batch: int, span: int) -> DecodeGraph:
-        key = (batch, span)
+    def capture_graphs(self, longest: int) -> int:
+        """Capture now every graph that rows of up to `longest` tokens can need (decode at each batch bucket,
+        catch-up at each graphed bucket, each span up to span(longest)); returns how many exist."""
+        if not self.use_graphs:
+            return 0
+        spans = sorted({self.span(n) for n in range(self.MIN_SPAN, max(longest, self.MIN_SPAN) + 1, self.MIN_SPAN)}
+                       | {self.span(longest)})
+        batches = {min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)}
+        for span in spans:
+            for b in sorted(batches):
+                self._graph(b, 1, span)
+            for n, w in sorted(self._catch_up_buckets()):
+                self._graph(n, w, span)
+        return len(self.graphs)
+
+    def _graph(self, batch: int, width: int, span: int) -> DecodeGraph:
+        key = (batch, width, span)
         if key not in self.graphs:
-            self.graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool)
+            self.graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool, width, compact=width > 1)
         return self.graphs[key]
 
     @torch.inference_mode()
@@ -205,36 +224,71 @@ class NativeBatchRunner:
         assert slots and all(ids), "feed_many needs at least one slot and one new token per slot"
         new_lengths = [self.seen[s] + len(t) for s, t in zip(slots, ids, strict=True)]
         self.cache.check_capacity(slots, new_lengths)  # host-side numbers: no device sync
-        batch = next(b for b in self.buckets if b > max(slots))
         span = self.span(max(new_lengths))
-        dev = self.device
+        many = [i for i, t in enumerate(ids) if len(t) > 1]
+        one = [i for i, t in enumerate(ids) if len(t) == 1]
+        parts = []
+        if many:
+            parts.append(self._catch_up([slots[i] for i in many], [ids[i] for i in many], span))
+        if one:
+            parts.append(self._decode([slots[i] for i in one], [ids[i][0] for i in one], span))
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if many and one:  # back to the order of `slots`
+            where = {i: p for p, i in enumerate(many + one)}  # input index -> row of `logits`
+            order = [where[i] for i in range(len(slots))]
+            logits = logits.index_select(0, torch.tensor(order).to(self.device, non_blocking=True))
+        return logits[:, : self.vocab_size]
 
-        lagging = [(s, t[:-1]) for s, t in zip(slots, ids) if len(t) > 1]
-        if lagging:  # 1. catch-up, ragged: one eager pass for every slot that missed tokens
-            width = max(len(t) for _, t in lagging)
-            tokens = torch.zeros((batch, width), dtype=torch.int64)
-            positions = torch.zeros((batch, width), dtype=torch.int64)
-            valid = torch.zeros(batch, dtype=torch.int64)
-            for s, t in lagging:
-                tokens[s, :len(t)] = torch.tensor(t)
-                positions[s] = torch.arange(self.seen[s], self.seen[s] + width)
-                valid[s] = len(t)
-                self.seen[s] += len(t)
-            self.model(tokens.to(dev), positions.to(dev), self.cache, valid.to(dev), last_only=True, kv_len=span)
+    def _catch_up(self, slots: list[int], ids: list[list[int]], span: int) -> Tensor:
+        """Every token of `ids[i]` into slot `slots[i]`, the rows gathered into one padded pass."""
+        n, width = len(slots), max(len(t) for t in ids)
+        graphed = self.use_graphs and _catch_up_bucket(n, width) in self._catch_up_buckets()
+        batch, width = _catch_up_bucket(n, width) if graphed else (n, width)
+        # One host-to-device copy: token ids and positions (batch * width each), valid lengths, cache rows;
+        # pad rows are idle (valid 0) in row 0. Built as lists: element-wise tensor writes cost microseconds.
+        tokens, positions, valid, rows = [], [], [0] * batch, [0] * batch
+        for b in range(batch):
+            t = ids[b] if b < n else []
+            start = self.seen[slots[b]] if b < n else 0
+            tokens += t + [0] * (width - len(t))
+            positions += range(start, start + width)
+            if b < n:
+                valid[b], rows[b] = len(t), slots[b]
+                self.seen[slots[b]] += len(t)
+        host = torch.tensor(tokens + positions + valid + rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        tokens_d, positions_d = host[: batch * width].view(batch, width), host[batch * width: 2 * batch * width]
+        valid_d, rows_d = host[2 * batch * width: 2 * batch * width + batch], host[2 * batch * width + batch:]
+        positions_d = positions_d.view(batch, width)
+        if graphed:  # cloned: a later replay of another graph of the same memory pool may reuse this output
+            return self._graph(batch, width, span).run_rows(tokens_d, positions_d, valid_d, rows_d)[:n].clone()
+        return self.model(tokens_d, positions_d, self.cache, valid_d, last_only=True, kv_len=span, rows=rows_d,
+                          kernels=EAGER).float()
 
-        # 2. decode: the last token of every listed slot. One host-to-device copy carries the token ids,
-        #    positions, valid flags and the slots to read logits from.
-        host = torch.zeros((4, batch), dtype=torch.int64)  # tokens, positions, valid, slots (first len(slots))
-        for i, (s, t) in enumerate(zip(slots, ids)):
-            host[0, s], host[1, s], host[2, s], host[3, i] = t[-1], self.seen[s], 1, s
+    def _decode(self, slots: list[int], tokens: list[int], span: int) -> Tensor:
+        """One token into each of `slots`, over cache rows 0..B-1."""
+        batch = min(self.max_batch, _pow2(max(slots) + 1))
+        host = [0] * (4 * batch)  # tokens, positions, valid, then the slots to read logits from
+        for i, (s, t) in enumerate(zip(slots, tokens)):
+            host[s], host[batch + s], host[2 * batch + s], host[3 * batch + i] = t, self.seen[s], 1, s
             self.seen[s] += 1
-        tokens, positions, valid, index = host.to(dev, non_blocking=True)
+        tokens_d, positions, valid, index = torch.tensor(host, dtype=torch.int64).to(
+            self.device, non_blocking=True).view(4, batch)
         if self.use_graphs:
-            logits = self._graph(batch, span).run_rows(tokens, positions, valid)
+            logits = self._graph(batch, 1, span).run_rows(tokens_d, positions, valid)
         else:
-            logits = self.model(tokens[:, None], positions[:, None], self.cache, valid, last_only=True,
-                                kv_len=span).float()
-        return logits.index_select(0, index[: len(slots)])[:, : self.vocab_size]
+            logits = self.model(tokens_d[:, None], positions[:, None], self.cache, valid, last_only=True,
+                                kv_len=span, kernels=EAGER).float()
+        return logits.index_select(0, index[: len(slots)])
+
+
+def _catch_up_bucket(n: int, width: int) -> tuple[int, int]:
+    """The padded (rows, width) of a catch-up of n rows of at most `width` tokens."""
+    return _pow2(n), max(8, _pow2(width))
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def resolve_max_seq_tokens(asked: int | None, limit: int, default: int) -> int:
@@ -252,6 +306,8 @@ def choose_backend(models: Sequence[PreTrainedModel], backend: str, device: torc
     """'hf' or 'native' for EngineConfig.backend. "auto" picks native on CUDA when every model is one the
     native decoder implements; on CPU it keeps transformers, the reference of the test suite. A model that
     auto cannot run natively gets a warning naming its model_type and the reason, and hf for both."""
+    if all(isinstance(m, Transformer) for m in models):  # ead's decoder built directly (benchmarks)
+        return "native"
     if backend != "auto":
         return backend
     if device.type != "cuda":
@@ -270,7 +326,11 @@ def build_batch_runner(model: PreTrainedModel, vocab_size: int, backend: str, cf
                        max_batch: int) -> HFBatchRunner | NativeBatchRunner:
     """The batched runner (`max_batch` slots) for one model of the pair; see HFBatchRunner for the interface."""
     if backend == "native":
-        return NativeBatchRunner.from_hf(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs, max_batch)
+        if isinstance(model, Transformer):  # ead's own decoder, already built (benchmarks with random weights)
+            return NativeBatchRunner(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs, max_batch,
+                                     cfg.fused_kernels)
+        return NativeBatchRunner.from_hf(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs, max_batch,
+                                         cfg.fused_kernels)
     return HFBatchRunner(model, vocab_size, cfg.max_seq_tokens, max_batch)
 
 

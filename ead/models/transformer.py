@@ -115,6 +115,71 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim. Normalised in float32 and cast back before the weight, as transformers
+    does, so bf16 rounds alike."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add and the next RMSNorm: (x + delta, rms_norm(x + delta)), the sum in x's dtype."""
+    h = x + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def rope_store(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+               rows: Tensor, slots: Tensor) -> Tensor:
+    """Rotate q and k, write k and v into the cache at (rows, slots), return the rotated q."""
+    k = apply_rope(k, cos, sin)
+    # Advanced indices split by a slice put their (B, T) dims first: k_cache[rows, :, slots] is (B, T, Hkv, D).
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v
+    return apply_rope(q, cos, sin)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """SwiGLU's activation on the fused gate and up projections: silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def step_inputs(positions: Tensor, valid_lengths: Tensor, inv_freq: Tensor, trash_slot: int, n_slots: int,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What every layer of one forward shares: (cache slots written, additive attention mask in `dtype`
+    (0 = attend, -inf = not), cos, sin). An additive mask saves SDPA converting a bool one in every layer."""
+    T = positions.shape[1]
+    is_real = torch.arange(T, device=positions.device) < valid_lengths[:, None]  # (B, T)
+    slots = torch.where(is_real, positions, trash_slot)  # (B, T): where each token's k/v goes
+    sees = attention_mask(positions, is_real, n_slots)
+    mask = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, -math.inf)
+    freqs = positions[..., None].float() * inv_freq.float()  # (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D), broadcast over heads
+    return slots, mask, angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class Kernels:
+    """The elementwise parts of a step, apart from the matrix products. Eager, a decode step of one layer is
+    about 40 small kernels, each a few microseconds, and at batch 1 they cost more than reading the weights;
+    `Kernels.compiled()` runs each function as one or two torch.compile'd (Triton) kernels, leaving the matrix
+    products and attention to cuBLAS and SDPA."""
+
+    def __init__(self, wrap=lambda fn: fn) -> None:
+        self.rms_norm, self.add_rms_norm, self.rope_store = wrap(rms_norm), wrap(add_rms_norm), wrap(rope_store)
+        self.silu_mul, self.step_inputs = wrap(silu_mul), wrap(step_inputs)
+
+    @classmethod
+    def compiled(cls) -> Kernels:
+        # Batch and width 1 are specialised apart from larger sizes, so each function compiles a few times
+        # (decode, catch-up, prefill; batch 1 and more); the default limit of 8 per function is too tight.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return cls(lambda fn: torch.compile(fn, fullgraph=True, dynamic=True))
+
+
+EAGER = Kernels()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -122,10 +187,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 and cast back before the weight, as transformers does, so bf16 rounds alike.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -139,10 +201,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
-                rows: Tensor, slots: Tensor) -> Tensor:
-        """x: (B, T, dim); mask: (B, 1, T, L) bool, L <= S+1 the slots attended; k_cache, v_cache:
-        (max_batch, Hkv, S+1, D), written in place at (rows, slots), both (B, T)-broadcastable. Returns
-        (B, T, dim)."""
+                rows: Tensor, slots: Tensor, kernels: Kernels = EAGER, compact: bool = False) -> Tensor:
+        """x: (B, T, dim); mask: (B, 1, T, L) additive (0 or -inf), L <= S+1 the slots attended; k_cache, v_cache:
+        (max_batch, Hkv, S+1, D), written in place at (rows, slots), both (B, T)-broadcastable; batch row b
+        is cache row rows[b] (`compact`: gathered for attention) or else cache row b. Returns (B, T, dim)."""
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -150,15 +212,17 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3 normalises each head before rope
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Advanced indices split by a slice put their (B, T) dims first: k_cache[rows, :, slots] is (B, T, Hkv, D).
-        k_cache[rows, :, slots] = k
-        v_cache[rows, :, slots] = v
+            q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        q = kernels.rope_store(q, k, v, cos, sin, k_cache, v_cache, rows, slots)
         # Attend over the first L slots of the B rows (views, no copy); the mask keeps each row to its prefix.
         L = mask.shape[-1]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:B, :, :L], v_cache[:B, :, :L],
-                                           attn_mask=mask, enable_gqa=True)  # (B, H, T, D)
+        if compact:  # a few rows from anywhere in the cache: copy their first L slots
+            keys, values = k_cache[:, :, :L].index_select(0, rows[:, 0]), v_cache[:, :, :L].index_select(0, rows[:, 0])
+        else:  # rows 0..B-1: views, no copy
+            keys, values = k_cache[:B, :, :L], v_cache[:B, :, :L]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                           enable_gqa=True)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -168,9 +232,8 @@ class MLP(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up fused, as wqkv
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: Tensor, kernels: Kernels = EAGER) -> Tensor:
+        return self.w2(kernels.silu_mul(self.w13(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -181,10 +244,19 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MLP(args)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
-                rows: Tensor, slots: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, rows, slots)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor,
+                v_cache: Tensor, rows: Tensor, slots: Tensor, kernels: Kernels = EAGER,
+                compact: bool = False) -> tuple[Tensor, Tensor]:
+        """The residual stream is x + delta (delta None: x alone). Returns the next (x, delta): the previous
+        layer's last residual add is done here, fused with this layer's first norm."""
+        eps = self.attention_norm.eps
+        if delta is None:
+            normed = kernels.rms_norm(x, self.attention_norm.weight, eps)
+        else:
+            x, normed = kernels.add_rms_norm(x, delta, self.attention_norm.weight, eps)
+        a = self.attention(normed, cos, sin, mask, k_cache, v_cache, rows, slots, kernels, compact)
+        h, normed = kernels.add_rms_norm(x, a, self.ffn_norm.weight, eps)
+        return h, self.feed_forward(normed, kernels)
 
 
 def attention_mask(positions: Tensor, is_real: Tensor, n_slots: int) -> Tensor:
@@ -213,9 +285,17 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # Kept float32 whatever the weights' dtype (load_native builds it so): bf16 angles drift at long positions.
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.kernels = EAGER
+
+    def fuse(self) -> Transformer:
+        """Run the elementwise parts of every step as compiled kernels (see Kernels); for CUDA. The first
+        calls of each shape family compile (seconds, cached on disk by torch afterwards)."""
+        self.kernels = Kernels.compiled()
+        return self
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, valid_lengths: Tensor | None = None,
-                last_only: bool = False, kv_len: int | None = None) -> Tensor:
+                last_only: bool = False, kv_len: int | None = None, rows: Tensor | None = None,
+                kernels: Kernels | None = None) -> Tensor:
         """Logits for T new tokens per row; writes their keys/values and advances `cache.lengths[:B]`.
 
         tokens, positions: (B, T) int64; batch row b is cache row b. Row b's first valid_lengths[b] tokens
@@ -227,23 +307,32 @@ class Transformer(nn.Module):
         `kv_len` (a Python int, default all S+1 slots) bounds the slots attention reads: it must exceed every
         real position of the call. Decode reads the whole attended span of every row, so a short span for
         short sequences saves reading keys and values that the mask would hide anyway.
+        `rows` (B,) int64 puts batch row b in cache row rows[b] (default: b), so a catch-up of a few rows
+        computes only those; pads of such a batch (valid 0) may repeat any row. `kernels` overrides
+        `self.kernels` for this call (eager passes run EAGER: compiled functions called one by one pay a guard
+        check each, which only a captured graph hides).
         """
         B, T = tokens.shape
+        kernels = kernels or self.kernels
         if valid_lengths is None:
             valid_lengths = torch.full((B,), T, dtype=torch.int64, device=tokens.device)
-        is_real = torch.arange(T, device=tokens.device) < valid_lengths[:, None]  # (B, T)
-        slots = torch.where(is_real, positions, cache.trash_slot)  # (B, T): where each token's k/v goes
-        rows = torch.arange(B, device=tokens.device)[:, None]  # (B, 1), broadcast against slots
-        mask = attention_mask(positions, is_real, kv_len or cache.trash_slot + 1)
-
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, D), broadcast over heads
         x = self.tok_embeddings(tokens)  # (B, T, dim)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        slots, mask, cos, sin = kernels.step_inputs(positions, valid_lengths, self.inv_freq, cache.trash_slot,
+                                                    kv_len or cache.trash_slot + 1, x.dtype)
+        compact = rows is not None
+        batch_rows = torch.arange(B, device=tokens.device)
+        cache_rows = (rows if compact else batch_rows)[:, None]  # (B, 1), broadcast against slots
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache.k[i], cache.v[i], rows, slots)
-        cache.lengths[:B] += valid_lengths
+            x, delta = layer(x, delta, cos, sin, mask, cache.k[i], cache.v[i], cache_rows, slots, kernels, compact)
+        if compact:
+            cache.lengths.index_add_(0, rows, valid_lengths)
+        else:
+            cache.lengths[:B] += valid_lengths
 
         if last_only:  # an idle row reads its position 0: garbage, but no out-of-range index
-            x = x[rows[:, 0], (valid_lengths - 1).clamp(min=0)]  # (B, dim)
-        return self.output(self.norm(x))
+            index = (batch_rows, (valid_lengths - 1).clamp(min=0))
+            x, delta = x[index][:, None], delta[index][:, None]  # (B, 1, dim): one rank for every call
+        _, h = kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
+        logits = self.output(h)
+        return logits[:, 0] if last_only else logits

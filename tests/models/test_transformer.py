@@ -197,3 +197,29 @@ def test_shape_mismatch_names_tensor_and_shapes():
     hf.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(100, 64))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(100, 64\).*\(128, 64\)"):
         load_native(hf, "cpu", torch.float32)
+
+
+def test_compiled_kernels_give_the_eager_logits_on_cpu(one_thread):
+    """Transformer.fuse() (torch.compile'd elementwise kernels, the CUDA path) against the eager functions, on
+    a ragged prefill and a decode step with a short attended span; qk-norm included (Qwen3)."""
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                     intermediate_size=64, qk_norm=True, qkv_bias=True)
+    model = Transformer(args).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+
+    def run():
+        cache = KVCache.for_model(args, 2, 64, torch.float32, "cpu")
+        with torch.no_grad():
+            a = model(torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]), torch.tensor([[0, 1, 2, 3]] * 2), cache,
+                      torch.tensor([4, 2]), last_only=True)
+            b = model(torch.tensor([[7], [8]]), cache.lengths[:, None].clone(), cache, torch.tensor([1, 1]),
+                      last_only=True, kv_len=16)
+        return torch.cat([a, b])
+
+    eager = run()
+    fused = model.fuse().kernels
+    compiled = run()
+    assert model.kernels is fused
+    assert (compiled - eager).abs().max().item() <= 1e-5 * eager.abs().max().item()
