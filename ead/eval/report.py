@@ -1,0 +1,229 @@
+"""Reports over finished (or partial) run directories: the paper's table per dataset, the accuracy vs
+large-share Pareto plot, and for MATH a breakdown by level and subject, as report.md and report.html.
+
+Everything shown is read back from each run's results.jsonl and manifest.json; the plotted points are also
+written to pareto.json so a reader (or a test) can check the figure against the rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ead.errors import ConfigError
+from ead.eval.runs import MANIFEST, RESULTS, overall_large_share, read_rows
+from ead.metrics import cost_ratio
+
+MODE_ORDER = {"small": 0, "large": 1, "ead": 2, "random": 3}
+
+
+@dataclass
+class Run:
+    path: Path
+    manifest: dict
+    rows: list[dict]
+
+    @property
+    def mode(self) -> str:
+        return self.manifest["config"]["mode"]
+
+    @property
+    def tau(self) -> float | None:
+        tau = self.manifest["config"].get("tau")
+        return float(tau) if tau is not None else None
+
+    @property
+    def label(self) -> str:
+        label = self.manifest.get("label") or self.path.name
+        return f"{label} (share of {self.manifest['control_of']})" if self.manifest.get("control_of") else label
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """Each path is a run directory, or a sweep directory whose subdirectories are runs."""
+    runs = []
+    for path in map(Path, paths):
+        dirs = [path] if (path / MANIFEST).is_file() else sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
+        if not dirs:
+            raise ConfigError(f"{path} holds no {MANIFEST}; pass run directories made by 'ead eval' or a sweep "
+                              "directory made by 'ead sweep'")
+        runs += [Run(d, json.loads((d / MANIFEST).read_text()), read_rows(d / RESULTS)) for d in dirs]
+    return sorted(runs, key=lambda r: (MODE_ORDER[r.mode], r.tau if r.tau is not None else 0.0,
+                                       overall_large_share(r.rows), r.label))
+
+
+def accuracy(rows: list[dict]) -> float:
+    return sum(r["correct"] for r in rows) / len(rows) if rows else math.nan
+
+
+def summarize_run(run: Run, large: Run | None) -> dict:
+    """The paper's numbers for one run. `kept` and `speedup` (wall-clock time of the large-only run over this
+    run's) compare with the large-only run on the problems both finished; `cost_reduction` is
+    1 - ((1-f) P_small + f P_large) / P_large with the token-weighted f."""
+    rows, f = run.rows, overall_large_share(run.rows)
+    models = run.manifest.get("models") or {}
+    p_small, p_large = (models.get(k, {}).get("params") for k in ("small", "large"))
+    out = {"run": run.label, "mode": run.mode, "tau": run.tau, "n": len(rows),
+           "correct": sum(r["correct"] for r in rows), "accuracy": accuracy(rows), "large_share": f,
+           "cost_reduction": 1 - cost_ratio(f, p_small, p_large) if p_small and p_large else math.nan,
+           "cut": sum(r["finish_reason"] == "length" for r in rows), "kept": math.nan, "speedup": math.nan}
+    if large is not None and rows:
+        theirs = {r["id"]: r for r in large.rows}
+        mine = [r for r in rows if r["id"] in theirs]
+        ref = [theirs[r["id"]] for r in mine]
+        if mine and accuracy(ref) > 0:
+            out["kept"] = accuracy(mine) / accuracy(ref)
+        seconds = sum(_wall(r) for r in mine)
+        if mine and seconds > 0:
+            out["speedup"] = sum(_wall(r) for r in ref) / seconds
+    return out
+
+
+def _wall(row: dict) -> float:
+    """A row's share of its run's wall-clock time (batched rows overlap, so their own `seconds` do not add up)."""
+    return row.get("wall_seconds", row["seconds"])
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def results_table(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
+    large = next((r for r in runs if r.mode == "large"), None)
+    stats = [summarize_run(r, large) for r in runs]
+    head = ["run", "accuracy", "% of large acc.", "% tokens by large", "cost reduction", "wall-clock speed-up",
+            "cut answers"]
+    body = [[s["run"], f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})", _pct(s["kept"]), _pct(s["large_share"]),
+             _pct(s["cost_reduction"]), "–" if math.isnan(s["speedup"]) else f"{s['speedup']:.2f}x",
+             f"{s['cut']}/{s['n']}"] for s in stats]
+    return head, body, stats
+
+
+def breakdown_table(runs: list[Run], key: str) -> tuple[list[str], list[list[str]]] | None:
+    """Accuracy (and large share) per MATH level or subject, one column per run; None without that key."""
+    groups = sorted({r[key] for run in runs for r in run.rows if key in r}, key=str)
+    if not groups:
+        return None
+    body = []
+    for g in groups:
+        cells = []
+        for run in runs:
+            rows = [r for r in run.rows if r.get(key) == g]
+            cells.append(f"{_pct(accuracy(rows))} of {len(rows)}, large {_pct(overall_large_share(rows))}"
+                         if rows else "–")
+        body.append([str(g), *cells])
+    return [key, *[r.label for r in runs]], body
+
+
+def pareto_points(runs: list[Run]) -> list[dict]:
+    """One point per run: x the large model's token share, y accuracy, both fractions."""
+    return [{"run": r.label, "path": str(r.path), "mode": r.mode, "tau": r.tau, "n": len(r.rows),
+             "large_share": overall_large_share(r.rows), "accuracy": accuracy(r.rows)} for r in runs if r.rows]
+
+
+def pareto_figure(points: list[dict], title: str):
+    """Accuracy vs large share: EAD points coloured by tau, the random control as a curve, small and large
+    as single markers. Each artist's gid is its mode, so the plotted data can be read back."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    by_mode = {m: sorted((p for p in points if p["mode"] == m), key=lambda p: p["large_share"]) for m in MODE_ORDER}
+    xy = {m: ([100 * p["large_share"] for p in ps], [100 * p["accuracy"] for p in ps]) for m, ps in by_mode.items()}
+    if by_mode["random"]:
+        ax.plot(*xy["random"], "X--", color="tab:gray", label="random control", gid="random", zorder=4)
+    if by_mode["ead"]:
+        ax.plot(*xy["ead"], "-", color="tab:blue", alpha=0.3, zorder=1)
+        sc = ax.scatter(*xy["ead"], c=[p["tau"] for p in by_mode["ead"]], cmap="viridis", s=60, zorder=3,
+                        label="EAD (colour: tau)", gid="ead", edgecolors="black")
+        fig.colorbar(sc, ax=ax, label="tau (bits)")
+    for mode, marker, color in (("small", "s", "tab:orange"), ("large", "*", "tab:red")):
+        if by_mode[mode]:
+            ax.scatter(*xy[mode], marker=marker, s=120, color=color, label=f"{mode} only", gid=mode, zorder=3)
+    ax.set_xlabel("tokens written by the large model (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def write_report(runs: list[Run], out: Path) -> list[Path]:
+    """report.md, report.html (the figure inlined), one pareto PNG and JSON per dataset. Returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections, written = [], []
+    datasets = {}
+    for r in runs:
+        datasets.setdefault(r.manifest["dataset"]["sha256"], []).append(r)
+    for i, group in enumerate(datasets.values()):
+        d = group[0].manifest["dataset"]
+        stem = "pareto" if len(datasets) == 1 else f"pareto-{i + 1}"
+        points = pareto_points(group)
+        png = out / f"{stem}.png"
+        pareto_figure(points, f"{d['name']}: accuracy vs large-model share").savefig(png)
+        (out / f"{stem}.json").write_text(json.dumps({"dataset": d, "points": points}, indent=1) + "\n")
+        written += [png, out / f"{stem}.json"]
+        sections.append(_dataset_section(group, png))
+    title = "ead evaluation report"
+    (out / "report.md").write_text(f"# {title}\n\n" + "\n".join(_md(s) for s in sections))
+    (out / "report.html").write_text(_html_page(title, sections))
+    return [out / "report.md", out / "report.html", *written]
+
+
+def _dataset_section(runs: list[Run], png: Path) -> dict:
+    m = runs[0].manifest
+    d, models = m["dataset"], m.get("models") or {}
+    graders = sorted({f"{r.manifest['grader']['name']} {r.manifest['grader']['version']}" for r in runs})
+    budgets = sorted({str(r.manifest["config"]["max_new_tokens"]) for r in runs})
+    notes = [f"dataset `{d['name']}` (sha256 {d['sha256'][:12]}…)",
+             f"models: {models.get('small', {}).get('source')} -> {models.get('large', {}).get('source')}",
+             f"graded by {', '.join(graders)}; max_new_tokens {', '.join(budgets)}",
+             ("% of large acc. and speed-up compare with the large-only run on the problems both finished; cost "
+              "reduction is the paper's 1 - ((1-f) P_small + f P_large) / P_large; cut = stopped by max_new_tokens")]
+    head, body, _ = results_table(runs)
+    tables = [("results", head, body)]
+    for key, name in (("level", "by level"), ("subject", "by subject")):
+        t = breakdown_table(runs, key)
+        if t:
+            tables.append((name, *t))
+    return {"title": d["name"], "notes": notes, "tables": tables, "png": png}
+
+
+def results_markdown(runs: list[Run]) -> str:
+    """The results table alone, as the CLI prints it after a run."""
+    head, body, _ = results_table(runs)
+    return _md_table(head, body)
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
+
+
+def _md(section: dict) -> str:
+    parts = [f"## {section['title']}\n", *[f"- {n}" for n in section["notes"]], ""]
+    for name, head, body in section["tables"]:
+        parts += [f"### {name}\n", _md_table(head, body)]
+    parts.append(f"![accuracy vs large share]({section['png'].name})\n")
+    return "\n".join(parts)
+
+
+def _html_page(title: str, sections: list[dict]) -> str:
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}")
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{title}</title><style>{style}</style><h1>{title}</h1>"]
+    for s in sections:
+        parts.append(f"<h2>{html.escape(s['title'])}</h2><ul>"
+                     + "".join(f"<li>{html.escape(n)}</li>" for n in s["notes"]) + "</ul>")
+        for name, head, body in s["tables"]:
+            parts.append(f"<h3>{html.escape(name)}</h3><table><tr>"
+                         + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                                   for row in body) + "</table>")
+        png = base64.b64encode(s["png"].read_bytes()).decode()
+        parts.append(f"<img alt='accuracy vs large share' src='data:image/png;base64,{png}'>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,204 @@
+"""`ead eval`, `ead sweep` and `ead report` end to end on tiny random models: rows, modes, resuming after a
+kill (between rows, inside a row, and a real kill -9), refusing a mismatched resume, and bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import ead.engine
+import ead.eval.cli
+from ead.cli import main
+from ead.eval.grading import grade
+
+LIMIT, TOKENS = 8, 24
+
+
+@pytest.fixture(scope="module")
+def models(tiny_pairs):
+    small, large = tiny_pairs["qwen2"]
+    return ["--small", small, "--large", large, "--device", "cpu"]
+
+
+def eval_args(models, out, *extra):
+    return ["eval", "--dataset", "gsm8k", "--max-new-tokens", str(TOKENS), "--no-progress", *models,
+            "--out", str(out), *extra]
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def same(rows):
+    """Rows without their timings, in id order (a batch engine saves rows in the order they finish)."""
+    return sorted(({k: v for k, v in r.items() if k not in ("seconds", "wall_seconds")} for r in rows),
+                  key=lambda r: r["id"])
+
+
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory):
+    """An uninterrupted EAD run of the first LIMIT problems."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main(eval_args(models, out, "--limit", str(LIMIT), "--tau", "0.5")) == 0
+    return out
+
+
+def test_eval_writes_a_graded_row_per_problem(reference, capsys):
+    rows = rows_of(reference)
+    assert sorted(r["id"] for r in rows) == [f"gsm8k-{i:04d}" for i in range(LIMIT)]  # each once
+    for r in rows:
+        assert grade(r["output"], r["gold"], "gsm8k") == (r["answer"], r["correct"])
+        n = r["tokens_small"] + r["tokens_large"]
+        if r["prompt_tokens"] >= 256:  # the tiny models' context: nothing generated, the row still written
+            assert (n, r["finish_reason"], r["output"], r["correct"]) == (0, "prompt_too_long", "", False)
+            continue
+        assert 0 < n <= TOKENS and r["large_share"] == r["tokens_large"] / n
+        assert r["finish_reason"] in ("stop", "length") and r["seconds"] > 0
+    first = next(r for r in rows if r["id"] == "gsm8k-0000")
+    assert first["gold"] == "18" and first["prompt"].endswith("final answer within \\boxed{}.")
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["config"]["tau"] == 0.5 and manifest["config"]["max_new_tokens"] == TOKENS
+    assert set(manifest["models"]["small"]["sha256"]) >= {"config.json", "model.safetensors"}
+
+
+def test_resume_after_a_kill_between_rows(reference, models, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "results.jsonl").write_bytes(b"".join(lines[:2]))
+    assert main(eval_args(models, out, "--limit", str(LIMIT), "--tau", "0.5")) == 0
+    assert same(rows_of(out)) == same(rows_of(reference))
+    assert rows_of(out)[:2] == rows_of(reference)[:2]  # finished rows are kept, not redone
+
+
+def test_resume_after_a_kill_inside_a_row(reference, models, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "results.jsonl").write_bytes(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    assert main(eval_args(models, out, "--limit", str(LIMIT), "--tau", "0.5")) == 0
+    assert (out / "results.jsonl").read_bytes().endswith(b"}\n")
+    assert same(rows_of(out)) == same(rows_of(reference))
+
+
+def test_a_finished_run_prints_its_summary_and_loads_nothing(reference, models, monkeypatch, capsys):
+    before = (reference / "results.jsonl").read_bytes()
+    monkeypatch.setattr(ead.eval.cli, "load", lambda args: pytest.fail("a finished run loaded the models"))
+    assert main(eval_args(models, reference, "--limit", str(LIMIT), "--tau", "0.5")) == 0
+    out, err = capsys.readouterr()
+    correct = sum(r["correct"] for r in rows_of(reference))
+    assert "nothing to run" in err and f"({correct}/{LIMIT})" in out and "EAD tau=0.5" in out
+    assert (reference / "results.jsonl").read_bytes() == before
+
+
+def test_a_resume_with_other_settings_is_refused(reference, models, capsys):
+    assert main(eval_args(models, reference, "--limit", str(LIMIT), "--tau", "1.0")) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "tau=0.5 -> 1.0" in err and "new --out" in err
+
+
+def test_resume_after_kill_9(reference, models, tmp_path, capsys):
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ead.cli", *eval_args(models, out, "--limit", str(LIMIT),
+                                                                         "--tau", "0.5")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results, deadline = out / "results.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = results.read_bytes().count(b"\n")
+    assert 2 <= done < LIMIT, f"the run was not killed midway ({done} rows)"
+    assert main(eval_args(models, out, "--limit", str(LIMIT), "--tau", "0.5")) == 0
+    assert same(rows_of(out)) == same(rows_of(reference))
+
+
+def test_small_large_and_random_modes(reference, models, tmp_path, capsys):
+    runs = {}
+    for mode, extra in (("small", []), ("large", []), ("random", ["--large-share-from", str(reference)])):
+        runs[mode] = tmp_path / mode
+        assert main(eval_args(models, runs[mode], "--limit", "3", "--mode", mode, *extra)) == 0
+    assert all(r["tokens_large"] == 0 for r in rows_of(runs["small"]))
+    assert all(r["tokens_small"] == 0 and r["switches"] == 0 for r in rows_of(runs["large"]))
+    ref = rows_of(reference)
+    f = sum(r["tokens_large"] for r in ref) / sum(r["tokens_large"] + r["tokens_small"] for r in ref)
+    assert json.loads((runs["random"] / "manifest.json").read_text())["config"]["large_share"] == f
+
+
+def test_a_synthetic_dataset_graded_right(models, tmp_path, capsys):
+    """Golds set to what the grader extracts from the tiny model's greedy outputs make those rows correct."""
+    questions = ["What is 3 + 4?", "Tom has 5 apples and eats 2. How many are left?", "Double 21."]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "#### 0.123"}) + "\n" for q in questions))
+    args = ["--dataset", str(data), "--mode", "small", "--max-new-tokens", "40", "--no-progress", *models]
+    assert main(["eval", *args, "--out", str(tmp_path / "a")]) == 0
+    answers = [r["answer"] for r in rows_of(tmp_path / "a")]
+    data.write_text("".join(json.dumps({"question": q, "answer": a or "no answer"}) + "\n"
+                            for q, a in zip(questions, answers)))
+    assert main(["eval", *args, "--out", str(tmp_path / "b")]) == 0
+    assert [r["correct"] for r in rows_of(tmp_path / "b")] == [a is not None for a in answers]
+    assert any(a is not None for a in answers)
+
+
+def test_batch_flag(reference, models, tmp_path, capsys):
+    assert main(eval_args(models, tmp_path / "run", "--limit", "6", "--tau", "0.5", "--batch", "3")) == 0
+    if not hasattr(ead.engine, "BatchEngine"):
+        assert "one problem at a time" in capsys.readouterr().err
+    # Greedy: each problem's row is the one it gets alone, whatever ran beside it.
+    assert same(rows_of(tmp_path / "run")) == [r for r in same(rows_of(reference)) if r["id"] < "gsm8k-0006"]
+
+
+def test_sweep_then_report(models, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--dataset", "gsm8k", "--taus", "0.5,9", "--random-shares-from-ead", "--limit", "2",
+            "--max-new-tokens", "16", "--no-progress", *models, "--out", str(out)]
+    assert main(argv) == 0
+    names = ["small", "large", "ead-tau0.5", "ead-tau9", "random-tau0.5", "random-tau9"]
+    assert json.loads((out / "sweep.json").read_text())["runs"] == names
+    assert all(len(rows_of(out / n)) == 2 for n in names)
+    for tau in ("0.5", "9"):
+        ead_rows = rows_of(out / f"ead-tau{tau}")
+        f = sum(r["tokens_large"] for r in ead_rows) / sum(r["tokens_large"] + r["tokens_small"] for r in ead_rows)
+        manifest = json.loads((out / f"random-tau{tau}" / "manifest.json").read_text())
+        assert manifest["config"]["large_share"] == f and manifest["control_of"] == f"ead-tau{tau}"
+    assert all(r["tokens_large"] == 0 for r in rows_of(out / "random-tau9"))  # 9 bits > log2(384): never large
+    assert "random F=" in capsys.readouterr().out
+
+    monkeypatch.setattr(ead.eval.cli, "load", lambda args: pytest.fail("a finished sweep loaded the models"))
+    assert main(argv) == 0 and capsys.readouterr().err.count("nothing to run") == 6
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<img" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dataset", "gsm9k"], "DatasetError: unknown dataset 'gsm9k'"),
+    (["--dataset", "gsm8k", "--mode", "random"], "ConfigError: mode 'random' needs the large model's share"),
+    (["--dataset", "gsm8k", "--mode", "random", "--large-share", "2"], "large share must be in [0, 1]"),
+    (["--dataset", "gsm8k", "--limit", "0"], "--limit must be >= 1"),
+])
+def test_bad_input_is_one_line(models, tmp_path, capsys, extra, message):
+    assert main(["eval", *extra, *models, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_file_missing_a_key_names_the_line(models, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "solution": "2"}\n')
+    assert main(["eval", "--dataset", str(data), *models, "--out", str(tmp_path / "x")]) == 2
+    assert "line 2 lacks a non-empty 'answer'" in capsys.readouterr().err
+
+
+def test_data_dir_from_the_environment(models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EAD_DATA_DIR", str(tmp_path))
+    assert main(["eval", "--dataset", "math500", *models, "--out", str(tmp_path / "x")]) == 2
+    assert f"{tmp_path}/math500_test.jsonl does not exist" in capsys.readouterr().err
