@@ -57,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tokens a model writes before another switch (default {DEFAULT_MIN_DWELL_TOKENS}, the "
                            "paper's)")
     rule.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
+    rule.add_argument("--signal", choices=["entropy", "varentropy", "top1", "margin"], default="entropy",
+                      help="what the rule reads (default entropy, the paper's); top1 and margin are read as 1 - "
+                           "value, so larger is harder for every signal (docs/routing.md)")
+    rule.add_argument("--tau-down", type=float, default=None,
+                      help="hysteresis: hand back to the small model only when the mean falls to this (<= tau)")
+    budget = rule.add_mutually_exclusive_group()
+    budget.add_argument("--large-share", type=float, default=None, metavar="F",
+                        help="budget mode: adjust tau online so the large model writes about this share of tokens")
+    budget.add_argument("--cost-ratio", type=float, default=None, metavar="C",
+                        help="budget mode by the paper's cost ratio instead (1 = large model alone)")
+    rule.add_argument("--calibration", metavar="FILE", default=None,
+                      help="take tau from a file written by `ead calibrate` for this pair")
     samp = gen.add_argument_group("sampling and stopping")
     samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     samp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -149,8 +161,28 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def routing_config(args: argparse.Namespace, cfg: RouterConfig, pair):
+    """The router settings of `ead generate`: the paper's rule from --tau/--window/--d-min/--start, with the
+    signal, hysteresis, budget and calibration flags on top."""
+    from ead.calibrate import load_calibration
+    from ead.routing import BudgetConfig, RoutingConfig
+
+    budget = None
+    if args.large_share is not None:
+        budget = BudgetConfig(args.large_share)
+    elif args.cost_ratio is not None:
+        budget = BudgetConfig.for_cost_ratio(args.cost_ratio, pair.small.params, pair.large.params)
+    routing = RoutingConfig.from_router_config(cfg, signal=args.signal, threshold_down=args.tau_down, budget=budget)
+    if args.calibration:
+        tau = load_calibration(args.calibration, pair, routing)
+        routing = RoutingConfig.from_router_config(cfg, threshold=tau, signal=args.signal,
+                                                   threshold_down=args.tau_down, budget=budget)
+    return routing
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ead.engine import Engine
+    from ead.routing import make_router
     from ead.render import ANSI, PLAIN_MARKS, RESET, paint, summary_table, trace_html
     from ead.sampling import SamplingParams
 
@@ -168,6 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = pair.encode(messages)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     engine = Engine(pair, cfg, EngineConfig(backend=args.backend))
+    router = make_router(routing_config(args, cfg, pair))
     shown = 0
     seq_ref = []
     open_role = [None]
@@ -190,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             shown = len(visible)
 
     try:
-        result = engine.generate(ids, sampling, on_step=stream)
+        result = engine.generate(ids, sampling, on_step=stream, router=router)
     except KeyboardInterrupt:
         n = len(seq_ref[0].generated) if seq_ref else 0
         print(f"\ninterrupted after {n} generated tokens", file=sys.stderr)

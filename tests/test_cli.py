@@ -126,3 +126,48 @@ def test_ctrl_c_during_generation_exits_cleanly(slow_pair):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted after" in err and "Traceback" not in err
+
+
+def large_tokens(capsys, models, *flags):
+    code, out, err = run(capsys, "generate", *models, "--json", "--window", "2", "--d-min", "2",
+                         "--max-new-tokens", "24", "--ignore-eos", *flags, "How many clips?")
+    assert code == 0, err
+    return json.loads(out)["stats"]["tokens_large"]
+
+
+def test_routing_flags_reach_the_router(capsys, models):
+    # margin is read as 1 - (top-1 minus top-2 probability), always in [0, 1]: above tau 1 never, above 0
+    # (nearly) always once the dwell allows.
+    assert large_tokens(capsys, models, "--signal", "margin", "--tau", "1.0") == 0
+    assert large_tokens(capsys, models, "--signal", "margin", "--tau", "0") > 0
+    # budget mode, starting at tau 6.6 bits, the tiny models' median entropy: a target share of 1 pulls tau
+    # down and 0 pushes it up, so the first run has the large model write more
+    more = large_tokens(capsys, models, "--tau", "6.6", "--large-share", "1.0")
+    assert more > large_tokens(capsys, models, "--tau", "6.6", "--large-share", "0.0")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tau", "0.5", "--tau-down", "0.9"], "ConfigError"),
+    (["--large-share", "1.5"], "ConfigError"),
+])
+def test_bad_routing_flags_are_one_line_errors(capsys, models, flags, message):
+    code, out, err = run(capsys, "generate", *models, "--max-new-tokens", "4", *flags, "Hi")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_budget_flags_are_mutually_exclusive(capsys, models):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *models, "--large-share", "0.3", "--cost-ratio", "0.5", "Hi"])
+    assert e.value.code == 2
+
+
+def test_a_calibration_file_for_another_pair_is_refused(capsys, models, tmp_path, tiny_pairs):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tom has 3 apples and buys 5 more.\n")
+    cal = tmp_path / "cal.json"
+    code, _, err = run(capsys, "calibrate", "--small", tiny_pairs["llama"][0], "--large", tiny_pairs["llama"][1],
+                       "--device", "cpu", "--large-share", "0.3", "--data", str(prompts), "--limit", "1",
+                       "--max-new-tokens", "8", "--out", str(cal))
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", *models, "--calibration", str(cal), "--max-new-tokens", "4", "Hi")
+    assert code == 2 and "ConfigError" in err and "Traceback" not in err
