@@ -10,6 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 
+# Decoding is incremental: the text of a settled prefix of the ids is kept, and only the tail is decoded again.
+SETTLE_TOKENS = 16  # a tail this long is split...
+MARGIN_TOKENS = 4  # ...this many tokens before its end, if decoding the two parts apart gives the same text
+
+
 class StopChecker:
     def __init__(self, decode: Callable[[list[int]], str], eos_token_ids: Collection[int],
                  stop: tuple[str, ...], max_new_tokens: int) -> None:
@@ -19,10 +24,30 @@ class StopChecker:
         self.max_new_tokens = max_new_tokens
         self.text = ""
         self.visible_chars = 0  # len(text[:visible_chars]) can be shown and will not change
+        self._settled_ids, self._settled_text = 0, ""
+
+    def _decode(self, token_ids: list[int]) -> str:
+        """decode(token_ids), in time that does not grow with the length of the text.
+
+        The ids before `_settled_ids` decode to `_settled_text`. A split is settled only where decoding the two
+        sides apart gives exactly the text of decoding them together (true for byte-level BPE at a character
+        boundary; a tokenizer that drops a leading space, as SentencePiece does, fails the check and keeps
+        decoding a longer tail, which stays exact, only slower)."""
+        if len(token_ids) < self._settled_ids:  # not the continuation of what came before: start over
+            self._settled_ids, self._settled_text = 0, ""
+        k = self._settled_ids
+        tail = self.decode(token_ids[k:])
+        text = self._settled_text + tail
+        if len(token_ids) - k >= SETTLE_TOKENS and not tail.endswith("\ufffd"):
+            split = len(token_ids) - MARGIN_TOKENS
+            head = self.decode(token_ids[k:split])
+            if head + self.decode(token_ids[split:]) == tail and not head.endswith("\ufffd"):
+                self._settled_ids, self._settled_text = split, self._settled_text + head
+        return text
 
     def update(self, token_ids: list[int]) -> str | None:
         """Take the generated ids so far (the newest last); return "stop" or "length" when generation ends."""
-        text = self.decode(token_ids)
+        text = self._decode(token_ids)
         hits = [at for at in (text.find(s) for s in self.stop) if at >= 0]
         if hits:
             self.text = text[:min(hits)]

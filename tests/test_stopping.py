@@ -43,3 +43,41 @@ def test_partial_utf8_character_is_held_back():
 
 def test_max_new_tokens():
     assert run([1, 2, 3, 4, 5], max_new_tokens=3)[0:2] == ("length", "The answer is")
+
+
+def test_incremental_text_equals_a_full_decode_with_a_byte_level_tokenizer(tiny_pairs):
+    """Random ids of a byte-level BPE tokenizer (multi-byte characters split across tokens included): at every
+    step the checker's text is the tokenizer's decode of all ids, while it decodes only a short tail."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_pairs["qwen2"][0])
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return tok.decode(ids, skip_special_tokens=True)
+
+    rng = random.Random(0)
+    ids = tok("Zoë paid 12€ — 3×4 = 12 ✓ 日本 ").input_ids * 3 + [rng.randrange(len(tok)) for _ in range(300)]
+    checker = StopChecker(decode, set(), (), 10_000)
+    for n in range(1, len(ids) + 1):
+        checker.update(ids[:n])
+        assert checker.text == tok.decode(ids[:n], skip_special_tokens=True), f"after {n} ids"
+    assert max(calls[-50:]) < 40  # the tail, not the whole text
+
+
+def test_incremental_text_stays_exact_when_a_split_changes_the_text():
+    """A SentencePiece-like decoder drops the leading space of what it decodes, so no split is exact: the
+    checker must notice and keep decoding from the start, never showing a wrong text."""
+    words = {1: " one", 2: " two", 3: " three"}
+
+    def decode(ids):
+        return "".join(words[i] for i in ids).lstrip(" ")
+
+    ids = [1, 2, 3] * 20
+    checker = StopChecker(decode, set(), (), 1000)
+    for n in range(1, len(ids) + 1):
+        checker.update(ids[:n])
+        assert checker.text == decode(ids[:n])
