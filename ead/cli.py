@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="how the models run: 'native' = ead's own decoder with a preallocated KV cache and, on "
                           "CUDA, the decode step replayed as a CUDA graph (Llama, Qwen2, Qwen3, Mistral); 'hf' = "
-                          "transformers, eager (slow on a GPU); 'auto' (default) = native on CUDA when both models "
-                          "support it, else hf")
+                          "transformers, eager (slow on a GPU); 'llamacpp' = .gguf files through llama.cpp on the "
+                          "CPU (pip install 'ead[llamacpp]'); 'auto' (default) = native on CUDA when both models "
+                          "support it, llamacpp on CPU for .gguf files when installed, else hf")
     rule = gen.add_argument_group("the EAD rule")
     rule.add_argument("--tau", type=float, default=DEFAULT_THRESHOLD_BITS,
                       help=f"entropy threshold in bits: the large model writes while the rolling mean is above it "
@@ -149,7 +150,8 @@ def load(args: argparse.Namespace):
     from ead.pair import load_pair
 
     t0 = time.perf_counter()
-    pair = load_pair(args.small, args.large, device=args.device, dtype=args.dtype, cache_root=cache_dir(args))
+    pair = load_pair(args.small, args.large, device=args.device, dtype=args.dtype, cache_root=cache_dir(args),
+                     backend=getattr(args, "backend", "hf"))  # llamacpp loads GGUF files without transformers
     print(f"loaded {pair.small.source} -> {pair.large.source} on {pair.device} in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     return pair

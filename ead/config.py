@@ -89,9 +89,12 @@ class EngineConfig:
     `backend`: "hf" runs the transformers models eagerly; "native" runs ead's own decoder (ead.models) with a
     preallocated KV cache and, on CUDA with `cuda_graphs`, the one-token decode step as a replayed CUDA graph
     (with `fused_kernels`, the elementwise parts of each step compiled by torch.compile into few kernels);
-    "auto" picks native on CUDA when both models are of a family it implements, else hf (and on CPU, where
-    transformers is the reference the tests compare against). `max_seq_tokens` caps prompt plus generated
-    tokens; None means each model's max_position_embeddings, and for native at most 4096 (the cache size).
+    "llamacpp" runs .gguf files through llama.cpp on the CPU (`ead.backends.llamacpp`, `pip install
+    'ead[llamacpp]'`), about 6x faster than hf there; the pair must be loaded for it (`load_pair(...,
+    backend=...)`). "auto" picks native on CUDA when both models are of a family it implements; on CPU it
+    picks llamacpp for a pair of .gguf files when llama-cpp-python is installed, else hf (the reference the
+    tests compare against). `max_seq_tokens` caps prompt plus generated tokens; None means each model's
+    max_position_embeddings, and for native and llamacpp at most 4096 (their caches are allocated up front).
     """
 
     device: str | None = None
@@ -113,7 +116,7 @@ class EngineConfig:
             _check_int("max_seq_tokens", self.max_seq_tokens, minimum=2)  # a prompt token and a generated one
 
 
-BACKENDS = ("auto", "hf", "native")
+BACKENDS = ("auto", "hf", "native", "llamacpp")
 
 
 DTYPES = {"float32", "bfloat16", "float16"}

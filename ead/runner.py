@@ -9,7 +9,8 @@ Two runners, batch size 1:
   at every model size), so there EAD saves no time; it is the reference and the fallback.
 - `NativeRunner` runs ead's own decoder (`ead.models`) on a KV cache allocated once, and on CUDA replays the
   one-token step as a CUDA graph (`ead.models.graphs`); prefill and catch-up run eagerly.
-`choose_backend` and `build_runner` turn `EngineConfig.backend` into one of them.
+`choose_backend` and `build_runner` turn `EngineConfig.backend` into one of them, or into the llama.cpp runners
+for GGUF files on a CPU (`ead.backends.llamacpp`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from ead.backends.llamacpp import LlamaCppBatchRunner, LlamaCppRunner, is_llamacpp_model
 from ead.config import EngineConfig
 from ead.errors import ConfigError, ModelLoadError
 from ead.models.graphs import DecodeGraph
@@ -305,7 +307,13 @@ def resolve_max_seq_tokens(asked: int | None, limit: int, default: int) -> int:
 def choose_backend(models: Sequence[PreTrainedModel], backend: str, device: torch.device) -> str:
     """'hf' or 'native' for EngineConfig.backend. "auto" picks native on CUDA when every model is one the
     native decoder implements; on CPU it keeps transformers, the reference of the test suite. A model that
-    auto cannot run natively gets a warning naming its model_type and the reason, and hf for both."""
+    auto cannot run natively gets a warning naming its model_type and the reason, and hf for both.
+    'llamacpp' goes with GGUF handles from `load_pair(..., backend="llamacpp" or "auto")`, and only with them."""
+    if backend == "llamacpp" or any(is_llamacpp_model(m) for m in models):
+        if backend not in ("auto", "llamacpp") or not all(is_llamacpp_model(m) for m in models):
+            raise ConfigError(f"backend {backend!r} needs the pair loaded for it: pass the same backend to "
+                              "load_pair (backend 'llamacpp' runs .gguf files loaded by llama.cpp)")
+        return "llamacpp"
     if all(isinstance(m, Transformer) for m in models):  # ead's decoder built directly (benchmarks)
         return "native"
     if backend != "auto":
@@ -325,6 +333,8 @@ def choose_backend(models: Sequence[PreTrainedModel], backend: str, device: torc
 def build_batch_runner(model: PreTrainedModel, vocab_size: int, backend: str, cfg: EngineConfig,
                        max_batch: int) -> HFBatchRunner | NativeBatchRunner:
     """The batched runner (`max_batch` slots) for one model of the pair; see HFBatchRunner for the interface."""
+    if backend == "llamacpp":
+        return LlamaCppBatchRunner(model, vocab_size, cfg.max_seq_tokens, max_batch)
     if backend == "native":
         if isinstance(model, Transformer):  # ead's own decoder, already built (benchmarks with random weights)
             return NativeBatchRunner(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs, max_batch,
@@ -336,7 +346,9 @@ def build_batch_runner(model: PreTrainedModel, vocab_size: int, backend: str, cf
 
 def build_runner(model: PreTrainedModel, vocab_size: int, backend: str,
                  cfg: EngineConfig) -> ModelRunner | NativeRunner:
-    """The runner for one model of the pair; `backend` is 'hf' or 'native' (see choose_backend)."""
+    """The runner for one model of the pair; `backend` is 'hf', 'native' or 'llamacpp' (see choose_backend)."""
+    if backend == "llamacpp":
+        return LlamaCppRunner(model, vocab_size, cfg.max_seq_tokens)
     if backend == "native":
         return NativeRunner.from_hf(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs)
     return ModelRunner(model, vocab_size, cfg.max_seq_tokens)

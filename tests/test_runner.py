@@ -150,7 +150,7 @@ def test_auto_backend_picks_native_on_cuda_and_warns_on_an_unsupported_family():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(backend="tpu"), "backend must be one of auto, hf, native, got 'tpu'"),
+    (dict(backend="tpu"), "backend must be one of auto, hf, native, llamacpp, got 'tpu'"),
     (dict(cuda_graphs="yes"), "cuda_graphs must be True or False"),
     (dict(max_seq_tokens=1), "max_seq_tokens must be an integer >= 2"),
     (dict(max_seq_tokens=100.0), "max_seq_tokens must be an integer"),
