@@ -337,7 +337,9 @@ def register(subparsers) -> None:
     p.add_argument("--tokens", type=int, default=256, help="new tokens per row")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--hf-tokens", type=int, default=32, help="tokens for transformers' generate (0 = skip)")
-    p.add_argument("--backend", default="auto", help="engine backend (auto = native on CUDA)")
+    p.add_argument("--backend", default="auto",
+                   help="engine backend (auto = native on CUDA); with --models default a comma-separated list runs "
+                        "each in turn, e.g. llamacpp,hf. Random weights always run on ead's own decoder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on cuda, float32 on cpu")
@@ -373,8 +375,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ead.cli import cache_dir
         from ead.pair import load_pair
 
-        pair = load_pair(device=device, dtype=str(dtype).removeprefix("torch."), cache_root=cache_dir(args))
-        bench_pair(pair, args, emit, {"pair": f"{pair.small.source} -> {pair.large.source}"})
+        for backend in args.backend.split(","):  # e.g. llamacpp,hf: side by side in one run
+            args.backend = backend
+            pair = load_pair(device=device, dtype=str(dtype).removeprefix("torch."), cache_root=cache_dir(args),
+                             backend=backend)
+            bench_pair(pair, args, emit, {"pair": f"default pair, {backend}"})
+            del pair
+            gc.collect()
     else:
         copy_bw = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 26)
         emit({"config": "copy_bandwidth", "bytes_per_s": copy_bw})
