@@ -10,7 +10,7 @@ takes over above it and hands back when the text calms down.
     print(res.text, res.stats.large_share, res.stats.cost_ratio)
 """
 
-from ead.config import EADConfig, EngineConfig, ModelSpec, Role, RouterConfig
+from ead.config import EADConfig, EngineConfig, ModelSpec, Role, RouterConfig, SpeculativeConfig
 from ead.engine import Engine, generate
 from ead.errors import (CacheCapacityError, ConfigError, EADError, ModelLoadError, RequestError,
                         TokenizerMismatchError)
@@ -21,5 +21,6 @@ from ead.sampling import SamplingParams
 __all__ = [
     "CacheCapacityError", "ConfigError", "EADConfig", "EADError", "Engine", "EngineConfig", "GenerateResult",
     "GenerateStats", "ModelLoadError", "ModelPair", "ModelSpec", "RequestError", "Role", "RouterConfig",
-    "SamplingParams", "StepRecord", "SwitchEvent", "TokenizerMismatchError", "Trace", "generate", "load_pair",
+    "SamplingParams", "SpeculativeConfig", "StepRecord", "SwitchEvent", "TokenizerMismatchError", "Trace", "generate",
+    "load_pair",
 ]

@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from ead.config import (BACKENDS, DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, EngineConfig,
-                        Role, RouterConfig)
+from ead.config import (BACKENDS, DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, MODES,
+                        EngineConfig, Role, RouterConfig, SpeculativeConfig)
 from ead.errors import EADError
 
 EXAMPLES = """examples:
@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tokens a model writes before another switch (default {DEFAULT_MIN_DWELL_TOKENS}, the "
                            "paper's)")
     rule.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
+    spec = gen.add_argument_group("speculative decoding (backends hf and native)")
+    spec.add_argument("--mode", choices=MODES, default="ead",
+                      help="'ead' (default) = the rule above; 'speculative' = the small model drafts, the large one "
+                           "verifies: the large model's text, faster; 'hybrid' = the rule's large segments are "
+                           "written by speculation")
+    spec.add_argument("--gamma", type=int, default=4, help="most tokens drafted per large-model pass (default 4)")
+    spec.add_argument("--draft-confidence", type=float, default=None,
+                      help="stop a draft after a token whose small-model top-1 probability is below this (off by "
+                           "default)")
     rule.add_argument("--signal", choices=["entropy", "varentropy", "top1", "margin"], default="entropy",
                       help="what the rule reads (default entropy, the paper's); top1 and margin are read as 1 - "
                            "value, so larger is harder for every signal (docs/routing.md)")
@@ -192,6 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        start=Role(args.start))
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    speculative = SpeculativeConfig(args.gamma, args.draft_confidence)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     pair = load(args)
     if args.raw:
@@ -201,13 +211,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    [{"role": "user", "content": prompt}]
         ids = pair.encode(messages)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    engine = Engine(pair, cfg, EngineConfig(backend=args.backend))
+    engine = Engine(pair, cfg, EngineConfig(backend=args.backend), mode=args.mode, speculative=speculative)
     router = make_router(routing_config(args, cfg, pair))
     shown = 0
     seq_ref = []
     open_role = [None]
 
     def stream(seq, record) -> None:  # print text as soon as it cannot change, coloured by its writer
+        # (a round of speculation brings several tokens, all the large model's: the first call prints them)
         nonlocal shown
         seq_ref[:] = [seq]
         visible = seq.stopper.text[: seq.stopper.visible_chars]
@@ -249,8 +260,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {args.trace_html}", file=sys.stderr)
     if not args.trace and not args.json:
         s = result.stats
+        spec = (f", {s.acceptance_rate or 0:.0%} of drafts accepted, {s.tokens_per_large_pass:.2f} tokens per large "
+                f"pass" if s.verify_passes else "")
         print(f"[{s.tokens_small + s.tokens_large} tokens, large share {s.large_share:.1%}, {s.switches} switches, "
-              f"cost {s.cost_ratio:.3f} of large-only, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+              f"cost {s.cost_ratio:.3f} of large-only{spec}, {s.tokens_per_s:.1f} tok/s]", file=sys.stderr)
     return 0
 
 

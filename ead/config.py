@@ -122,6 +122,29 @@ BACKENDS = ("auto", "hf", "native", "llamacpp")
 DTYPES = {"float32", "bfloat16", "float16"}
 
 
+# How tokens are made: "ead" the paper's switching rule; "speculative" the small model drafts and the large one
+# verifies every token (the large model's output, exactly); "hybrid" the EAD rule picks the segments and large
+# segments are written by speculation (see ead.speculative).
+MODES = ("ead", "speculative", "hybrid")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Drafting for the "speculative" and "hybrid" modes. The small model drafts up to `max_draft_tokens`
+    (gamma) tokens per large-model pass; with `draft_confidence` set, a row also stops drafting after a token
+    whose small-model top-1 probability (raw logits, temperature 1) is below it (adaptive draft length, as
+    transformers' assistant confidence threshold). None drafts `max_draft_tokens` every time."""
+
+    max_draft_tokens: int = 4
+    draft_confidence: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("gamma", self.max_draft_tokens, minimum=1)
+        c = self.draft_confidence
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1):
+            raise ConfigError(f"draft_confidence must be a probability in [0, 1] or None (off), got {c!r}")
+
+
 @dataclass(frozen=True)
 class EADConfig:
     """Everything one ead process needs. `small`/`large` None means the default pair."""

@@ -14,6 +14,12 @@ group as their routers switch, so that a large step serves many rows. A group th
 row. The engine counts rounds and rows per group in `rounds` and `rows_stepped`; BENCHMARKS.md has what this
 gives against large-only at each batch size, and why rows routed independently cannot always win. At batch 1
 there is only ever one group, and the rule is the paper's, token by token.
+
+Modes (`mode`): "ead" is the above. "speculative" gives every token to the large model through speculative
+decoding (`ead.speculative`: the small model drafts, the large one verifies a draft per pass), so the text is
+the large model's; "hybrid" keeps the EAD rule's segments and writes the large ones by speculation, the router
+reading the large model's distribution at each kept token, as it would have without speculation. A round of
+speculation may add several tokens to a row.
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ead.config import EngineConfig, Role, RouterConfig
+from ead.config import MODES, EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.errors import CacheCapacityError, ConfigError
-from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, summarize
+from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, VerifyEvent, summarize
 from ead.pair import ModelPair, Prompt
 from ead.router import Router, RoutingPolicy, TokenSignals, token_signals
 from ead.runner import build_batch_runner, choose_backend
 from ead.sampling import SamplingParams, sample_next
+from ead.speculative import Speculator, Verdict
 from ead.stopping import StopChecker
 
 @dataclass(eq=False)
@@ -65,9 +72,12 @@ class BatchEngine:
     """
 
     def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
-                 max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75) -> None:
+                 max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75, mode: str = "ead",
+                 speculative: SpeculativeConfig | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.pair = pair
         self.cfg = cfg or RouterConfig()
         self.engine_cfg = engine_cfg or EngineConfig()
@@ -85,6 +95,13 @@ class BatchEngine:
         fuse = self.backend == "native" and torch.device(pair.device).type == "cuda" and self.engine_cfg.fused_kernels
         self.token_signals = torch.compile(token_signals, dynamic=True) if fuse else token_signals
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
+        self.mode, self.speculator = mode, None
+        if mode != "ead":
+            if not all(hasattr(r, "truncate") for r in self.runners.values()):
+                raise ConfigError(f"mode {mode!r} needs runners that can roll a cache back: use backend 'hf' or "
+                                  f"'native' (backend {self.backend!r} has no speculation yet)")
+            self.speculator = Speculator(self.runners[Role.SMALL], self.runners[Role.LARGE],
+                                         speculative or SpeculativeConfig(), self.max_seq_tokens, self.token_signals)
         self.queue: deque[Sequence] = deque()
         self.slots: list[Sequence | None] = [None] * max_batch
         # Seconds per step of each model, measured (moving average); until measured, proportional to size.
@@ -181,11 +198,20 @@ class BatchEngine:
         active = [seq for seq in self.slots if seq is not None]
         if not active:
             return []
-        groups = {role: [seq for seq in active if seq.router.active is role] for role in Role}
+        if self.mode == "speculative":  # every token is the large model's
+            groups = {Role.SMALL: [], Role.LARGE: active}
+        else:
+            groups = {role: [seq for seq in active if seq.router.active is role] for role in Role}
         role = self._choose_group(groups)
         rows = groups[role]
         runner = self.runners[role]
         t0 = time.perf_counter()
+        if role is Role.LARGE and self.speculator is not None:
+            # The small model drafts and the large one verifies every row's draft in one pass (one host sync
+            # per draft step and one for the verification, see ead.speculative).
+            verdicts = self.speculator.run(rows)
+            step_ms = self._account(role, groups, rows, t0)
+            return [event for seq, v in zip(rows, verdicts) for event in self._emit(seq, v, step_ms)]
 
         # 1. The active model reads every token it has not seen, in one forward pass for all rows: the prompt
         #    on its first use, one token in steady state, and after a switch what the other model wrote.
@@ -198,16 +224,37 @@ class BatchEngine:
 
         # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
         values = torch.cat([signals, tokens[:, None].to(signals.dtype)], dim=1).tolist()
+        step_ms = self._account(role, groups, rows, t0)
+
+        events = []
+        for seq, fed, row in zip(rows, feeds, values):
+            events.append((seq, self._advance(seq, role, fed, row, step_ms)))
+        return events
+
+    def _account(self, role: Role, groups: dict[Role, list[Sequence]], rows: list[Sequence], t0: float) -> float:
+        """Book a round of `role` started at `t0` (step time, waits, counters); returns its duration in ms."""
         step_ms = (time.perf_counter() - t0) * 1e3
         self._measure(role, step_ms / 1e3)
         for other in Role:
             self.waited[other] = 0.0 if other is role or not groups[other] else self.waited[other] + step_ms / 1e3
         self.rounds[role] += 1
         self.rows_stepped[role] += len(rows)
+        return step_ms
 
-        events = []
-        for seq, fed, row in zip(rows, feeds, values):
-            events.append((seq, self._advance(seq, role, fed, row, step_ms)))
+    def _emit(self, seq: Sequence, verdict: Verdict, step_ms: float) -> list[tuple[Sequence, StepRecord]]:
+        """Add a speculation round's tokens to `seq`, one by one as if the large model had written each, until
+        they run out, the sequence ends, or (hybrid) its router hands the next token to the small model; then
+        roll both caches back to the kept text. `fed` of the first record is the large model's catch-up only."""
+        slot, index, events = seq.slot, len(seq.generated), []
+        for token, signals in zip(verdict.tokens, verdict.signals):
+            fed = verdict.fed if not events else []
+            events.append((seq, self._advance(seq, Role.LARGE, fed, [*signals, token], step_ms)))
+            if seq.finish_reason is not None or (self.mode == "hybrid" and seq.router.active is not Role.LARGE):
+                break
+        seq.trace.verifications.append(VerifyEvent(index=index, drafted=len(verdict.draft),
+                                                   accepted=verdict.accepted, emitted=len(events)))
+        if seq.finish_reason is None:
+            self.speculator.rollback(slot, verdict, len(events))
         return events
 
     def _sample(self, logits: Tensor, rows: list[Sequence]) -> Tensor:
@@ -282,11 +329,11 @@ class BatchEngine:
 
 
 class Engine:
-    """One sequence at a time: a BatchEngine with one slot, driven token by token (the CLI's streaming path)."""
+    """One sequence at a time: a BatchEngine with one slot, driven step by step (the CLI's streaming path)."""
 
-    def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None,
-                 engine_cfg: EngineConfig | None = None) -> None:
-        self.batch = BatchEngine(pair, cfg, engine_cfg, max_batch=1)
+    def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
+                 mode: str = "ead", speculative: SpeculativeConfig | None = None) -> None:
+        self.batch = BatchEngine(pair, cfg, engine_cfg, max_batch=1, mode=mode, speculative=speculative)
         self.pair, self.cfg, self.engine_cfg = pair, self.batch.cfg, self.batch.engine_cfg
         self.backend, self.runners, self.max_seq_tokens = self.batch.backend, self.batch.runners, self.batch.max_seq_tokens
 
@@ -297,11 +344,12 @@ class Engine:
             self.batch.cancel(seq)
         return self.batch.add(prompt_ids, sampling, router)
 
-    def step(self, seq: Sequence) -> StepRecord:
-        """Generate one token of `seq` with the model the router chose, then let the router choose again."""
-        [(stepped, record)] = self.batch.step()
-        assert stepped is seq, "Engine.step was given a sequence other than the one started last"
-        return record
+    def step(self, seq: Sequence) -> list[StepRecord]:
+        """Generate the next token of `seq` with the model the router chose (several tokens in a round of
+        speculation), letting the router choose again after each. Returns one record per new token."""
+        events = self.batch.step()
+        assert all(stepped is seq for stepped, _ in events), "Engine.step was given a sequence other than the last"
+        return [record for _, record in events]
 
     def result(self, seq: Sequence, seconds: float | None = None) -> GenerateResult:
         return self.batch.result(seq, seconds)
@@ -309,12 +357,13 @@ class Engine:
     def generate(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
                  on_step: Callable[[Sequence, StepRecord], None] | None = None,
                  router: RoutingPolicy | None = None) -> GenerateResult:
-        """Run one sequence to the end. `on_step` sees every token as it is made (streaming, progress)."""
+        """Run one sequence to the end. `on_step` sees every token as it is made (streaming, progress); with
+        speculation several come in one step, and `seq` already holds them all when it sees the first."""
         seq = self.start(prompt_ids, sampling or SamplingParams(), router)
         while seq.finish_reason is None:
-            record = self.step(seq)
-            if on_step is not None:
-                on_step(seq, record)
+            for record in self.step(seq):
+                if on_step is not None:
+                    on_step(seq, record)
         return self.result(seq)
 
 
@@ -325,12 +374,15 @@ def _vocab_size(model) -> int:
 
 def generate(pair: ModelPair, prompts: Prompt | list[Prompt], config: RouterConfig | None = None,
              sampling: SamplingParams | list[SamplingParams] | None = None, engine_config: EngineConfig | None = None,
-             max_batch: int = 16, routers: list[RoutingPolicy] | None = None) -> list[GenerateResult]:
+             max_batch: int = 16, routers: list[RoutingPolicy] | None = None, mode: str = "ead",
+             speculative: SpeculativeConfig | None = None) -> list[GenerateResult]:
     """EAD on each input: a plain prompt (str) or chat messages (list of {'role', 'content'} dicts), or a list
     of those, run `max_batch` at a time, each routed on its own. Returns one GenerateResult per input, in order.
-    With greedy decoding (or a seed per request) each output is the one that input gets alone."""
+    With greedy decoding (or a seed per request) each output is the one that input gets alone. `mode`
+    "speculative" or "hybrid" (drafting set by `speculative`) is described in the module docstring."""
     batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
-    engine = BatchEngine(pair, config, engine_config, max_batch=max(1, min(max_batch, len(batch))))
+    engine = BatchEngine(pair, config, engine_config, max_batch=max(1, min(max_batch, len(batch))), mode=mode,
+                         speculative=speculative)
     return engine.generate_many([pair.encode(p) for p in batch], sampling, routers)
 
 

@@ -38,17 +38,36 @@ class SwitchEvent:
     catchup_tokens: int
 
 
+@dataclass(frozen=True)
+class VerifyEvent:
+    """One large-model verification pass (speculative and hybrid modes): the small model drafted `drafted`
+    tokens, the large one accepted the first `accepted`, and `emitted` tokens joined the text from token `index`
+    on: the accepted ones and the large model's own next token, fewer when the text ended or the router handed
+    over to the small model first."""
+
+    index: int
+    drafted: int
+    accepted: int
+    emitted: int
+
+
 @dataclass
 class Trace:
     steps: list[StepRecord] = field(default_factory=list)
     switches: list[SwitchEvent] = field(default_factory=list)
     prefill_tokens: dict[str, int] = field(default_factory=lambda: {"small": 0, "large": 0})
+    verifications: list[VerifyEvent] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class GenerateStats:
     """Summary of one generation. `large_share` is the paper's f; `cost_ratio` its parameter-weighted cost
-    ((1-f)*P_small + f*P_large) / P_large, 1.0 being the large model alone."""
+    ((1-f)*P_small + f*P_large) / P_large, 1.0 being the large model alone; with speculation a large token costs
+    less than a large pass, and `cost_ratio` counts it as written by the large model (an upper bound).
+
+    Speculation only (None or 0 under EAD): `verify_passes` large-model passes checked `draft_tokens` drafted
+    tokens and accepted `accepted_tokens`; `acceptance_rate` = accepted / drafted, `mean_accepted_tokens` =
+    accepted per pass, `tokens_per_large_pass` = tokens the passes added to the text, per pass."""
 
     tokens_small: int
     tokens_large: int
@@ -62,6 +81,12 @@ class GenerateStats:
     cost_ratio: float
     seconds: float
     tokens_per_s: float
+    verify_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float | None = None
+    mean_accepted_tokens: float | None = None
+    tokens_per_large_pass: float | None = None
 
 
 def cost_ratio(large_share: float, params_small: int, params_large: int) -> float:
@@ -71,6 +96,8 @@ def cost_ratio(large_share: float, params_small: int, params_large: int) -> floa
 
 def summarize(trace: Trace, params_small: int, params_large: int, seconds: float) -> GenerateStats:
     n = len(trace.steps)
+    v = trace.verifications
+    drafted, accepted = sum(e.drafted for e in v), sum(e.accepted for e in v)
     n_large = sum(1 for s in trace.steps if s.role is Role.LARGE)
     f = n_large / n if n else 0.0
     return GenerateStats(
@@ -86,6 +113,12 @@ def summarize(trace: Trace, params_small: int, params_large: int, seconds: float
         cost_ratio=cost_ratio(f, params_small, params_large),
         seconds=seconds,
         tokens_per_s=n / seconds if seconds > 0 else 0.0,
+        verify_passes=len(v),
+        draft_tokens=drafted,
+        accepted_tokens=accepted,
+        acceptance_rate=accepted / drafted if drafted else None,
+        mean_accepted_tokens=accepted / len(v) if v else None,
+        tokens_per_large_pass=sum(e.emitted for e in v) / len(v) if v else None,
     )
 
 

@@ -54,17 +54,27 @@ class ModelRunner:
         """Forget the current sequence (a new request starts)."""
         self.cache, self.seen = None, 0
 
+    def truncate(self, n_tokens: int) -> None:
+        """Keep only the first `n_tokens` cached tokens (speculation drops a rejected draft)."""
+        assert 0 <= n_tokens <= self.seen, f"truncate to {n_tokens} tokens of {self.seen}"
+        if n_tokens < self.seen:
+            self.cache.crop(n_tokens - self.seen)  # transformers 5: a negative count removes that many tokens
+        self.seen = n_tokens
+
     @torch.inference_mode()
-    def feed(self, token_ids: list[int]) -> Tensor:
+    def feed(self, token_ids: list[int], all_logits: bool = False) -> Tensor:
         """Process `token_ids` (the tokens this model has not seen yet) and return the logits for the token
-        after them: (V,) float32 on the model's device. Only the last position goes through the LM head."""
+        after them: (V,) float32 on the model's device; only the last position goes through the LM head. With
+        `all_logits`, the logits after every new token: (T, V) float32 (speculative verification)."""
         assert token_ids, "feed needs at least one new token"
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # (1, T)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.cache})
+        keep = len(token_ids) if all_logits else 1
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{self.cache_kwarg: self.cache})
         self.seen += len(token_ids)
-        return out.logits[0, -1, : self.vocab_size].float()
+        logits = out.logits[0, :, : self.vocab_size].float()  # (keep, V)
+        return logits if all_logits else logits[-1]
 
 
 class NativeRunner:
@@ -125,6 +135,9 @@ class HFBatchRunner:
     (tokens the slot's cache holds), `reset(slot)`, and `feed_many(slots, ids) -> (len(slots), V)` float32,
     which appends `ids[i]` (at least one token, counts may differ) to slot `slots[i]` and returns the logits
     after each slot's last new token. Slots not listed are untouched.
+    Speculative decoding (`ead.speculative`) needs two more, which HF and native runners have:
+    `feed_many(..., all_logits=True)` returns a list of (len(ids[i]), V) float32, the logits after every new
+    token, and `truncate(slot, n_tokens)` rolls a slot's cache back to its first n tokens.
     """
 
     def __init__(self, model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
@@ -140,8 +153,13 @@ class HFBatchRunner:
     def reset(self, slot: int) -> None:
         self.rows[slot].reset()
 
-    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]]) -> Tensor:
-        return torch.stack([self.rows[s].feed(t) for s, t in zip(slots, ids, strict=True)])
+    def truncate(self, slot: int, n_tokens: int) -> None:
+        self.rows[slot].truncate(n_tokens)
+
+    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]],
+                  all_logits: bool = False) -> Tensor | list[Tensor]:
+        out = [self.rows[s].feed(t, all_logits) for s, t in zip(slots, ids, strict=True)]
+        return out if all_logits else torch.stack(out)
 
 
 class NativeBatchRunner:
@@ -189,6 +207,14 @@ class NativeBatchRunner:
         self.cache.reset_row(slot)
         self.seen[slot] = 0
 
+    def truncate(self, slot: int, n_tokens: int) -> None:
+        """Roll `slot` back to its first `n_tokens` tokens. Only the lengths move: the keys and values past
+        them stay, and the mask hides them (a query at position p sees slots 0..p, see `attention_mask`) until
+        the next tokens overwrite them."""
+        assert 0 <= n_tokens <= self.seen[slot], f"truncate slot {slot} to {n_tokens} tokens of {self.seen[slot]}"
+        self.seen[slot] = n_tokens
+        self.cache.lengths[slot] = n_tokens
+
     def span(self, longest: int) -> int:
         """Slots attention reads for rows of at most `longest` tokens: a power of two >= MIN_SPAN, capped at
         the whole cache (trash slot included)."""
@@ -222,11 +248,15 @@ class NativeBatchRunner:
         return self.graphs[key]
 
     @torch.inference_mode()
-    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]]) -> Tensor:
+    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]],
+                  all_logits: bool = False) -> Tensor | list[Tensor]:
         assert slots and all(ids), "feed_many needs at least one slot and one new token per slot"
         new_lengths = [self.seen[s] + len(t) for s, t in zip(slots, ids, strict=True)]
         self.cache.check_capacity(slots, new_lengths)  # host-side numbers: no device sync
         span = self.span(max(new_lengths))
+        if all_logits:  # verification: every position of every row, one eager pass (graphs for it: later)
+            logits = self._catch_up(list(slots), list(ids), span, last_only=False)  # (n, T, V)
+            return [logits[i, : len(t), : self.vocab_size] for i, t in enumerate(ids)]
         many = [i for i, t in enumerate(ids) if len(t) > 1]
         one = [i for i, t in enumerate(ids) if len(t) == 1]
         parts = []
@@ -241,10 +271,11 @@ class NativeBatchRunner:
             logits = logits.index_select(0, torch.tensor(order).to(self.device, non_blocking=True))
         return logits[:, : self.vocab_size]
 
-    def _catch_up(self, slots: list[int], ids: list[list[int]], span: int) -> Tensor:
-        """Every token of `ids[i]` into slot `slots[i]`, the rows gathered into one padded pass."""
+    def _catch_up(self, slots: list[int], ids: list[list[int]], span: int, last_only: bool = True) -> Tensor:
+        """Every token of `ids[i]` into slot `slots[i]`, the rows gathered into one padded pass. Returns the
+        logits after each row's last token, (n, V), or with `last_only=False` after every token, (n, T, V)."""
         n, width = len(slots), max(len(t) for t in ids)
-        graphed = self.use_graphs and _catch_up_bucket(n, width) in self._catch_up_buckets()
+        graphed = last_only and self.use_graphs and _catch_up_bucket(n, width) in self._catch_up_buckets()
         batch, width = _catch_up_bucket(n, width) if graphed else (n, width)
         # One host-to-device copy: token ids and positions (batch * width each), valid lengths, cache rows;
         # pad rows are idle (valid 0) in row 0. Built as lists: element-wise tensor writes cost microseconds.
@@ -263,7 +294,7 @@ class NativeBatchRunner:
         positions_d = positions_d.view(batch, width)
         if graphed:  # cloned: a later replay of another graph of the same memory pool may reuse this output
             return self._graph(batch, width, span).run_rows(tokens_d, positions_d, valid_d, rows_d)[:n].clone()
-        return self.model(tokens_d, positions_d, self.cache, valid_d, last_only=True, kv_len=span, rows=rows_d,
+        return self.model(tokens_d, positions_d, self.cache, valid_d, last_only=last_only, kv_len=span, rows=rows_d,
                           kernels=EAGER).float()
 
     def _decode(self, slots: list[int], tokens: list[int], span: int) -> Tensor:

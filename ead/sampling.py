@@ -57,13 +57,19 @@ class SamplingParams:
 
 
 def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """Draw one token per row. logits (B, V) -> ids (B,) int64, on the logits' device.
+    """Draw one token per row. logits (B, V) -> ids (B,) int64, on the logits' device."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, params), num_samples=1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution a sampled token is drawn from: (..., V) logits -> (..., V) float32 probabilities.
+    Speculative sampling shapes both models' distributions with this before comparing them.
 
     Filters act on temperature-scaled float32 logits: top-k keeps the k largest, top-p keeps the smallest set
     of most likely tokens whose probability reaches p (always at least the top token).
     """
-    if params.greedy:
-        return logits.argmax(dim=-1)
     scaled = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
@@ -75,5 +81,4 @@ def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generat
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, -math.inf)
-    probs = scaled.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return scaled.softmax(dim=-1)
