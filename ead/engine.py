@@ -37,7 +37,7 @@ from ead.errors import CacheCapacityError, ConfigError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, VerifyEvent, summarize
 from ead.pair import ModelPair, Prompt
 from ead.router import Router, RoutingPolicy, TokenSignals, token_signals
-from ead.runner import build_batch_runner, choose_backend
+from ead.runner import NativeBatchRunner, build_batch_runner, choose_backend
 from ead.sampling import SamplingParams, sample_next
 from ead.speculative import Speculator, Verdict
 from ead.stopping import StopChecker
@@ -216,14 +216,20 @@ class BatchEngine:
         # 1. The active model reads every token it has not seen, in one forward pass for all rows: the prompt
         #    on its first use, one token in steady state, and after a switch what the other model wrote.
         feeds = [seq.ids[runner.seen[seq.slot]:] for seq in rows]
-        logits = runner.feed_many([seq.slot for seq in rows], feeds)  # (n, V) float32
-
-        # 2. The routing signals on the raw logits, and 3. the tokens from each row's sampler, on the device.
-        signals = self.token_signals(logits)  # (n, 4)
-        tokens = self._sample(logits, rows)
+        slots = [seq.slot for seq in rows]
+        greedy = all(seq.sampling.greedy for seq in rows)
+        if isinstance(runner, NativeBatchRunner):  # signals and greedy tokens come from inside its graphs
+            logits, summary = runner.feed_many(slots, feeds, with_summary=True)
+            if not greedy:
+                summary = torch.cat([summary[:, :4], self._sample(logits, rows)[:, None].float()], dim=1)
+        else:
+            logits = runner.feed_many(slots, feeds)  # (n, V) float32
+            # 2. The routing signals on the raw logits, and 3. the tokens from each row's sampler, on the device.
+            tokens = self._sample(logits, rows)
+            summary = torch.cat([self.token_signals(logits), tokens[:, None].float()], dim=1)
 
         # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
-        values = torch.cat([signals, tokens[:, None].to(signals.dtype)], dim=1).tolist()
+        values = summary.tolist()
         step_ms = self._account(role, groups, rows, t0)
 
         events = []

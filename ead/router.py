@@ -67,6 +67,12 @@ def token_signals(logits: Tensor) -> Tensor:
     return torch.stack([h, varentropy, top2[:, 0], top2[:, 0] - top2[:, 1]], dim=-1)
 
 
+def token_summary(logits: Tensor) -> Tensor:
+    """token_signals and the greedy token per row: (B, V) -> (B, 5) float32, the argmax last (ids below 2**24
+    are exact in float32). Computed inside a decode graph, it leaves one small copy to the host per step."""
+    return torch.cat([token_signals(logits), logits.argmax(dim=-1, keepdim=True).to(torch.float32)], dim=-1)
+
+
 class RoutingPolicy(Protocol):
     """What the engine needs of a router, one per sequence: the model that writes the next token (`active`),
     `observe` after every generated token with the signals of the distribution it was drawn from, returning

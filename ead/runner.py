@@ -30,6 +30,7 @@ from ead.models.graphs import DecodeGraph
 from ead.models.kv_cache import KVCache
 from ead.models.loader import load_native
 from ead.models.transformer import EAGER, ModelArgs, Transformer
+from ead.router import token_summary
 
 # The native cache is allocated up front for the whole context, so its default is bounded: 4096 tokens cost
 # Qwen2.5-14B 0.8 GB of keys and values, where its 32768 positions would cost 6.4 GB per model.
@@ -244,12 +245,15 @@ class NativeBatchRunner:
     def _graph(self, batch: int, width: int, span: int) -> DecodeGraph:
         key = (batch, width, span)
         if key not in self.graphs:
-            self.graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool, width, compact=width > 1)
+            self.graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool, width, compact=width > 1,
+                                           vocab_size=self.vocab_size)
         return self.graphs[key]
 
     @torch.inference_mode()
-    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]],
-                  all_logits: bool = False) -> Tensor | list[Tensor]:
+    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]], all_logits: bool = False,
+                  with_summary: bool = False) -> Tensor | list[Tensor] | tuple[Tensor, Tensor]:
+        """See HFBatchRunner. `with_summary` returns (logits, ead.router.token_summary(logits)), the summary
+        computed inside the decode graphs (one kernel launch fewer per signal, no host work)."""
         assert slots and all(ids), "feed_many needs at least one slot and one new token per slot"
         new_lengths = [self.seen[s] + len(t) for s, t in zip(slots, ids, strict=True)]
         self.cache.check_capacity(slots, new_lengths)  # host-side numbers: no device sync
@@ -269,7 +273,8 @@ class NativeBatchRunner:
             where = {i: p for p, i in enumerate(many + one)}  # input index -> row of `logits`
             order = [where[i] for i in range(len(slots))]
             logits = logits.index_select(0, torch.tensor(order).to(self.device, non_blocking=True))
-        return logits[:, : self.vocab_size]
+        V = self.vocab_size  # the columns after V are token_summary's
+        return (logits[:, :V], logits[:, V:]) if with_summary else logits[:, :V]
 
     def _catch_up(self, slots: list[int], ids: list[list[int]], span: int, last_only: bool = True) -> Tensor:
         """Every token of `ids[i]` into slot `slots[i]`, the rows gathered into one padded pass. Returns the
@@ -294,8 +299,9 @@ class NativeBatchRunner:
         positions_d = positions_d.view(batch, width)
         if graphed:  # cloned: a later replay of another graph of the same memory pool may reuse this output
             return self._graph(batch, width, span).run_rows(tokens_d, positions_d, valid_d, rows_d)[:n].clone()
-        return self.model(tokens_d, positions_d, self.cache, valid_d, last_only=last_only, kv_len=span, rows=rows_d,
-                          kernels=EAGER).float()
+        logits = self.model(tokens_d, positions_d, self.cache, valid_d, last_only=last_only, kv_len=span,
+                            rows=rows_d, kernels=EAGER).float()
+        return self._with_summary(logits) if last_only else logits
 
     def _decode(self, slots: list[int], tokens: list[int], span: int) -> Tensor:
         """One token into each of `slots`, over cache rows 0..B-1."""
@@ -309,9 +315,14 @@ class NativeBatchRunner:
         if self.use_graphs:
             logits = self._graph(batch, 1, span).run_rows(tokens_d, positions, valid)
         else:
-            logits = self.model(tokens_d[:, None], positions[:, None], self.cache, valid, last_only=True,
-                                kv_len=span, kernels=EAGER).float()
+            logits = self._with_summary(self.model(tokens_d[:, None], positions[:, None], self.cache, valid,
+                                                   last_only=True, kv_len=span, kernels=EAGER).float())
         return logits.index_select(0, index[: len(slots)])
+
+    def _with_summary(self, logits: Tensor) -> Tensor:
+        """Eager passes' logits in the graphs' layout: (n, vocab + 5), token_summary's columns last."""
+        logits = logits[:, : self.vocab_size]
+        return torch.cat([logits, token_summary(logits)], dim=-1)
 
 
 def _catch_up_bucket(n: int, width: int) -> tuple[int, int]:

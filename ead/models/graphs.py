@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ead.models.kv_cache import KVCache
 from ead.models.transformer import Transformer
+from ead.router import token_summary
 
 WARMUP_STEPS = 3  # lazy initialisation (cuBLAS handles, workspaces) must happen before capture, not during
 
@@ -23,7 +24,8 @@ WARMUP_STEPS = 3  # lazy initialisation (cuBLAS handles, workspaces) must happen
 class DecodeGraph:
     """One captured forward of `model` over `batch` rows of `width` tokens each, attending over the first
     `kv_len` slots (None = all): (token ids, positions, valid lengths[, cache rows]) -> (batch, V) float32
-    logits at each row's last valid token.
+    logits at each row's last valid token; with `vocab_size`, cut to that width and followed by the 5 columns
+    of `ead.router.token_summary` (routing signals and greedy token), computed inside the graph.
 
     width 1, rows 0..batch-1 (`compact` False): the decode step. width > 1 with `compact`: a catch-up of a few
     rows from anywhere in the cache (batch row b is cache row rows[b]), padded to the width bucket.
@@ -35,7 +37,8 @@ class DecodeGraph:
 
     @torch.inference_mode()
     def __init__(self, model: Transformer, cache: KVCache, batch: int = 1, kv_len: int | None = None,
-                 pool: tuple[int, int] | None = None, width: int = 1, compact: bool = False) -> None:
+                 pool: tuple[int, int] | None = None, width: int = 1, compact: bool = False,
+                 vocab_size: int | None = None) -> None:
         device = cache.k.device
         assert device.type == "cuda", f"CUDA graphs need a CUDA cache, got {device}"
         self.batch, self.width, self.kv_len, self.compact = batch, width, kv_len, compact
@@ -60,7 +63,11 @@ class DecodeGraph:
         # Capture records kernels without running them: the cache is untouched until the first replay.
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = forward().float()  # (B, V)
+            logits = forward().float()  # (B, V)
+            if vocab_size is not None:  # (B, vocab + 5): the logits, then token_summary's columns
+                logits = logits[:, :vocab_size]
+                logits = torch.cat([logits, token_summary(logits)], dim=-1)
+            self.logits = logits
         self.valid.fill_(width)
 
     @torch.inference_mode()  # the static buffers were made in inference mode and may only change in it
