@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="after the EAD runs, run the random control at each one's measured large share")
     sw.add_argument("--random-taus", help="only for these taus (comma-separated subset of --taus)")
     sw.add_argument("--random-shares", help="random controls at these explicit shares too, e.g. 0.1,0.3")
+    sw.add_argument("--speculative", action="store_true",
+                    help="also run speculative decoding (lossless: checked against the large-only run)")
+    sw.add_argument("--hybrid-taus", help="also EAD with speculation in its large segments at these taus")
     sw.add_argument("--out", required=True, metavar="SWEEP_DIR")
     sw.set_defaults(handler=cmd_sweep)
 
@@ -103,26 +106,26 @@ def _spec(args: argparse.Namespace, dataset: Dataset, mode: str, tau: float | No
                    dtype=args.dtype)
 
 
-def _lazy_engine(args: argparse.Namespace) -> Callable[[], tuple]:
-    """(engine, models description, batch) on first call; the pair is loaded once and shared by every run."""
-    cache: list = []
+def _lazy_engine(args: argparse.Namespace) -> Callable[[str], tuple]:
+    """get(engine mode) -> (engine, models description, batch). The pair is loaded on the first call and shared
+    by every run; one engine per engine mode ("ead" for small, large, ead and random runs)."""
+    pairs: list = []
+    engines: dict[str, tuple] = {}
 
-    def get() -> tuple:
-        if not cache:
+    def get(mode: str = "ead") -> tuple:
+        if mode not in engines:
             import ead.engine
             from ead.config import EngineConfig, RouterConfig
 
-            pair = load(args)
-            cfg = EngineConfig(backend=args.backend)
-            batch = max(1, args.batch)
-            if batch > 1 and hasattr(ead.engine, "BatchEngine"):
-                engine = ead.engine.BatchEngine(pair, RouterConfig(), cfg, max_batch=batch)
+            if not pairs:
+                pairs.append(load(args))
+            pair, cfg, batch = pairs[0], EngineConfig(backend=args.backend), max(1, args.batch)
+            if batch > 1:
+                engine = ead.engine.BatchEngine(pair, RouterConfig(), cfg, max_batch=batch, mode=mode)
             else:
-                if batch > 1:
-                    print("ead.engine has no BatchEngine yet: generating one problem at a time", file=sys.stderr)
-                engine, batch = ead.engine.Engine(pair, RouterConfig(), cfg), 1
-            cache.append((engine, describe_models(pair), batch))
-        return cache[0]
+                engine = ead.engine.Engine(pair, RouterConfig(), cfg, mode=mode)
+            engines[mode] = (engine, describe_models(pair), batch)
+        return engines[mode]
 
     return get
 
@@ -131,7 +134,7 @@ def _run(state: RunState, get: Callable[[], tuple], args: argparse.Namespace, ex
     if state.finished:
         print(f"{state.out}: all {len(state.problems)} problems done; nothing to run", file=sys.stderr)
         return
-    engine, models, batch = get()
+    engine, models, batch = get(state.spec.engine_mode)
     execute_run(state, engine, models, batch, progress=not args.no_progress, extra=extra)
 
 
@@ -157,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode == "random" and args.large_share_from:
         src = Path(args.large_share_from)
         share = _share_of(read_rows(src / "results.jsonl"), src)
-    spec = _spec(args, dataset, args.mode, tau=args.tau if args.mode == "ead" else None,
+    spec = _spec(args, dataset, args.mode, tau=args.tau if args.mode in ("ead", "hybrid") else None,
                  share=share if args.mode == "random" else None)
     state = open_run(Path(args.out), spec, dataset, args.limit)
     extra = {"large_share_from": args.large_share_from} if args.mode == "random" else None
@@ -171,6 +174,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     taus = _floats(args.taus, "--taus")
     plan = [("small", _spec(args, dataset, "small")), ("large", _spec(args, dataset, "large"))]
     plan += [(f"ead-tau{t:g}", _spec(args, dataset, "ead", tau=t)) for t in taus]
+    if args.speculative:
+        plan.append(("speculative", _spec(args, dataset, "speculative")))
+    hybrid_taus = _floats(args.hybrid_taus, "--hybrid-taus") if args.hybrid_taus else []
+    plan += [(f"hybrid-tau{t:g}", _spec(args, dataset, "hybrid", tau=t)) for t in hybrid_taus]
     states = {name: open_run(out / name, spec, dataset, args.limit) for name, spec in plan}  # refuse mismatches now
     random_taus = _floats(args.random_taus, "--random-taus") if args.random_taus else \
         taus if args.random_shares_from_ead else []
@@ -190,10 +197,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for name, share, extra in controls:
         states[name] = open_run(out / name, _spec(args, dataset, "random", share=share), dataset, args.limit)
         _run(states[name], get, args, extra)
-    (out / "sweep.json").write_text(json.dumps({"dataset": dataset.name, "taus": taus, "runs": list(states)},
-                                               indent=1) + "\n")
+    summary = {"dataset": dataset.name, "taus": taus, "runs": list(states)}
+    if args.speculative:  # lossless by construction: its answers must be the large model's
+        summary["speculative_vs_large"] = check_lossless(states["speculative"].rows, states["large"].rows)
+        print(f"speculative vs large only: {summary['speculative_vs_large']}", file=sys.stderr)
+    (out / "sweep.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(results_markdown(load_runs([out / name for name in states])))
     return 0
+
+
+def check_lossless(spec_rows: list[dict], large_rows: list[dict]) -> dict:
+    """How far a speculative run is from the large-only run on the problems both finished: outputs and
+    correctness that differ. Greedy speculation is exact in exact arithmetic; in bf16 on a GPU a verification
+    pass and a decode step may round a near tie apart, so a few differing outputs are possible, not more."""
+    large = {r["id"]: r for r in large_rows}
+    both = [(r, large[r["id"]]) for r in spec_rows if r["id"] in large]
+    return {"problems": len(both), "different_output": sum(a["output"] != b["output"] for a, b in both),
+            "different_correct": sum(a["correct"] != b["correct"] for a, b in both)}
 
 
 def cmd_report(args: argparse.Namespace) -> int:

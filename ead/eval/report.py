@@ -18,7 +18,7 @@ from ead.errors import ConfigError
 from ead.eval.runs import MANIFEST, RESULTS, overall_large_share, read_rows
 from ead.metrics import cost_ratio
 
-MODE_ORDER = {"small": 0, "large": 1, "ead": 2, "random": 3}
+MODE_ORDER = {"small": 0, "large": 1, "ead": 2, "random": 3, "speculative": 4, "hybrid": 5}
 
 
 @dataclass
@@ -140,9 +140,12 @@ def pareto_figure(points: list[dict], title: str):
         sc = ax.scatter(*xy["ead"], c=[p["tau"] for p in by_mode["ead"]], cmap="viridis", s=60, zorder=3,
                         label="EAD (colour: tau)", gid="ead", edgecolors="black")
         fig.colorbar(sc, ax=ax, label="tau (bits)")
-    for mode, marker, color in (("small", "s", "tab:orange"), ("large", "*", "tab:red")):
+    if by_mode["hybrid"]:
+        ax.plot(*xy["hybrid"], "D-", color="tab:green", label="hybrid (EAD + speculation)", gid="hybrid", zorder=4)
+    for mode, marker, color, label in (("small", "s", "tab:orange", "small only"), ("large", "*", "tab:red", "large only"),
+                                       ("speculative", "P", "tab:purple", "speculative")):
         if by_mode[mode]:
-            ax.scatter(*xy[mode], marker=marker, s=120, color=color, label=f"{mode} only", gid=mode, zorder=3)
+            ax.scatter(*xy[mode], marker=marker, s=120, color=color, label=label, gid=mode, zorder=3)
     ax.set_xlabel("tokens written by the large model (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

@@ -34,7 +34,9 @@ from ead.sampling import SamplingParams
 
 # The instruction most MATH/GSM8K evaluations of instruction-tuned models use (Qwen2.5-Math's wording).
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-MODES = ("small", "large", "ead", "random")
+MODES = ("small", "large", "ead", "random", "speculative", "hybrid")
+# The engine mode each run mode needs: speculation changes how the engine steps, routing does not.
+ENGINE_MODES = {"speculative": "speculative", "hybrid": "hybrid"}
 MANIFEST, RESULTS = "manifest.json", "results.jsonl"
 
 
@@ -42,7 +44,9 @@ MANIFEST, RESULTS = "manifest.json", "results.jsonl"
 class RunSpec:
     """Everything that decides a run's outputs. A run directory resumes only under an equal spec.
 
-    `tau` is used by mode "ead"; `large_share` (F) by "random", whose segments are `d_min` tokens long.
+    `tau` is used by modes "ead" and "hybrid"; `large_share` (F) by "random", whose segments are `d_min` tokens
+    long. "speculative" is the large model's text through speculative decoding (the engine's defaults, 4
+    drafted tokens a pass): its accuracy must equal "large"'s, which `ead sweep` checks.
     `small`/`large` None mean the default pair; `device`/`dtype` None the automatic choice.
     """
 
@@ -66,8 +70,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.mode == "ead" and self.tau is None:
-            raise ConfigError("mode 'ead' needs a threshold: pass --tau, e.g. --tau 0.5")
+        if self.mode in ("ead", "hybrid") and self.tau is None:
+            raise ConfigError(f"mode {self.mode!r} needs a threshold: pass --tau, e.g. --tau 0.5")
         if self.mode == "random" and self.large_share is None:
             raise ConfigError("mode 'random' needs the large model's share: pass --large-share F (0..1) or "
                               "--large-share-from EAD_RUN_DIR")
@@ -82,7 +86,10 @@ class RunSpec:
         if self.mode == "large":
             return RouterConfig(threshold_bits=-math.inf, window_tokens=self.window, min_dwell_tokens=0,
                                 start=Role.LARGE)
-        tau = self.tau if self.mode == "ead" else math.inf
+        if self.mode == "speculative":  # the engine gives every token to the large model; the router only records
+            return RouterConfig(threshold_bits=-math.inf, window_tokens=self.window, min_dwell_tokens=0,
+                                start=Role.LARGE)
+        tau = self.tau if self.mode in ("ead", "hybrid") else math.inf
         return RouterConfig(threshold_bits=tau, window_tokens=self.window, min_dwell_tokens=self.d_min)
 
     def make_router(self, problem_id: str) -> RoutingPolicy:
@@ -99,9 +106,17 @@ class RunSpec:
         """Plain JSON (infinite tau as "inf"), the form kept in the manifest and compared on resume."""
         return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
+    @property
+    def engine_mode(self) -> str:
+        return ENGINE_MODES.get(self.mode, "ead")
+
     def label(self) -> str:
         if self.mode == "ead":
             return f"EAD tau={self.tau:g}"
+        if self.mode == "hybrid":
+            return f"hybrid tau={self.tau:g}"
+        if self.mode == "speculative":
+            return "speculative"
         return f"random F={self.large_share:.3f}" if self.mode == "random" else f"{self.mode} only"
 
 

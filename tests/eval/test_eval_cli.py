@@ -202,3 +202,28 @@ def test_data_dir_from_the_environment(models, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EAD_DATA_DIR", str(tmp_path))
     assert main(["eval", "--dataset", "math500", *models, "--out", str(tmp_path / "x")]) == 2
     assert f"{tmp_path}/math500_test.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_sweep_with_speculative_and_hybrid_runs(models, tmp_path, capsys):
+    """Speculative runs write the large-only run's outputs (greedy, float32 on CPU: exactly), which the sweep
+    checks and records; hybrid runs route like EAD and write their large segments by speculation."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--dataset", "gsm8k", "--taus", "6.5", "--speculative", "--hybrid-taus", "6.5", "--limit", "3",
+            "--max-new-tokens", "16", "--no-progress", *models, "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["runs"] == ["small", "large", "ead-tau6.5", "speculative", "hybrid-tau6.5"]
+    assert summary["speculative_vs_large"] == {"problems": 3, "different_output": 0, "different_correct": 0}
+    assert same(rows_of(out / "speculative")) != [] and \
+        [r["output"] for r in same(rows_of(out / "speculative"))] == [r["output"] for r in same(rows_of(out / "large"))]
+    hybrid = rows_of(out / "hybrid-tau6.5")
+    assert all(r["tokens_large"] + r["tokens_small"] > 0 for r in hybrid if r["finish_reason"] != "prompt_too_long")
+    assert "hybrid tau=6.5" in capsys.readouterr().out
+    manifest = json.loads((out / "speculative" / "manifest.json").read_text())
+    assert manifest["config"]["mode"] == "speculative"
+
+
+def test_hybrid_validates_its_tau(models, tmp_path, capsys):
+    code = main(["eval", "--dataset", "gsm8k", "--mode", "hybrid", "--tau", "nan", *models, "--out",
+                 str(tmp_path / "x")])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
