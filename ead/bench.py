@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from ead.config import EngineConfig, Role, RouterConfig
-from ead.router import Router
+from ead.router import Router, ScriptedRouter
 
 QWEN = dict(rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6)
 LLAMA32 = dict(rope_theta=5e5, max_position_embeddings=131072, rms_norm_eps=1e-5,
@@ -148,19 +148,6 @@ def roles_for_share(n: int, share: float, seed: int) -> list[Role]:
     return paper_roles(stream, (lo + hi) / 2)
 
 
-class Replay:
-    """A router that replays a fixed list of roles, one per token (the RoutingPolicy protocol)."""
-
-    def __init__(self, roles: list[Role]) -> None:
-        self.roles, self.n = roles, 0
-        self.active, self.last_mean_bits = roles[0], math.nan
-
-    def observe(self, signals) -> Role:
-        self.n += 1
-        self.active = self.roles[min(self.n, len(self.roles) - 1)]
-        return self.active
-
-
 # --- measuring ---
 
 def sync(device: torch.device) -> None:
@@ -248,12 +235,12 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict) -> None:
                 # warm-up, untimed: captures the graphs and compiles the kernels this batch size needs (every
                 # span the rows grow through, catch-up widths of typical switches)
                 run_engine(engine, prompts, args.tokens,
-                           [Replay(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
+                           [ScriptedRouter(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
                 sync(pair.device)
                 timed = {}
                 for mode, scripts in modes.items():
                     with memory_scope(pair.device, timed.setdefault(mode, {})):
-                        timed[mode].update(run_engine(engine, prompts, args.tokens, [Replay(s) for s in scripts]))
+                        timed[mode].update(run_engine(engine, prompts, args.tokens, [ScriptedRouter(s) for s in scripts]))
                 del engine
             # Seconds per step of all rows, host work included, from the single-model runs of this batch size.
             t_small, t_large = (batch / timed[m]["tok_per_s"] for m in ("small_only", "large_only"))

@@ -128,3 +128,17 @@ class Router:
         if role is not self.active:
             self.active, self.tokens_since_switch = role, 0
         return role
+
+
+class ScriptedRouter:
+    """A RoutingPolicy that replays a fixed list of roles, one per generated token, then keeps the last one.
+    For benchmarks and tests that need switches at known places whatever the models' entropy."""
+
+    def __init__(self, roles: list[Role]) -> None:
+        self.roles, self.n = list(roles), 0
+        self.active, self.last_mean_bits = self.roles[0], math.nan
+
+    def observe(self, signals: TokenSignals | float) -> Role:
+        self.n += 1
+        self.active = self.roles[min(self.n, len(self.roles) - 1)]
+        return self.active

@@ -17,6 +17,7 @@ from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import BatchEngine, Engine
 from ead.errors import CacheCapacityError, ConfigError
 from ead.runner import NativeBatchRunner
+from ead.router import ScriptedRouter
 from ead.sampling import SamplingParams
 
 from conftest import gsm8k_questions
@@ -105,19 +106,6 @@ def test_native_batch_runner_matches_transformers_on_ragged_rows_with_different_
     assert ((out[0] - ref).abs().max() / ref.abs().max()).item() < MAX_REL_ERR  # a reset slot starts clean
 
 
-class Scripted:
-    """A router that follows a fixed list of roles, one per generated token (then stays on the last)."""
-
-    def __init__(self, roles):
-        self.roles, self.n = roles, 0
-        self.active, self.last_mean_bits = roles[0], math.nan
-
-    def observe(self, signals):
-        self.n += 1
-        self.active = self.roles[min(self.n, len(self.roles) - 1)]
-        return self.active
-
-
 @pytest.mark.parametrize("max_wait_steps", [0.0, 1e9])
 def test_two_groups_never_step_together_and_the_wait_bound_holds(pair, prompts, max_wait_steps):
     """With no wait allowed, a group with rows never waits two rounds in a row; with an unbounded wait, the
@@ -126,7 +114,7 @@ def test_two_groups_never_step_together_and_the_wait_bound_holds(pair, prompts, 
     engine = BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4, max_wait_steps=max_wait_steps,
                          large_fill=0.6)
     scripts = [[S] * 5 + [L] * 10 + [S] * 15, [L] * 30, [S] * 30, [S, L] * 15]
-    seqs = [engine.add(p, PARAMS if i != 3 else SamplingParams(max_new_tokens=30, ignore_eos=True), Scripted(r))
+    seqs = [engine.add(p, PARAMS if i != 3 else SamplingParams(max_new_tokens=30, ignore_eos=True), ScriptedRouter(r))
             for i, (p, r) in enumerate(zip(prompts, scripts))]
     waited = {S: 0, L: 0}
     while engine.has_work:

@@ -22,6 +22,7 @@ from ead.config import EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.engine import BatchEngine, Engine
 from ead.errors import ConfigError
 from ead.metrics import VerifyEvent
+from ead.router import ScriptedRouter
 from ead.sampling import SamplingParams
 from ead.speculative import Speculator, accept_greedy
 
@@ -88,19 +89,6 @@ def test_greedy_speculation_writes_the_large_models_text(pair, prompts, large_gr
                    for r in results for e in r.trace.verifications)
 
 
-class Scripted:
-    """A router that follows a fixed list of roles, one per generated token (then stays on the last)."""
-
-    def __init__(self, roles):
-        self.roles, self.n = roles, 0
-        self.active, self.last_mean_bits = roles[0], math.nan
-
-    def observe(self, signals):
-        self.n += 1
-        self.active = self.roles[min(self.n, len(self.roles) - 1)]
-        return self.active
-
-
 def check_each_token_is_its_writers_argmax(pair, prompt, res):
     models = {S: pair.small.model, L: pair.large.model}
     full = prompt + res.token_ids
@@ -122,7 +110,7 @@ def test_hybrid_segments_are_each_models_own_greedy_text(pair, prompts, backend)
     scripts = [[S] * 3 + [L] * 9 + [S] * 4 + [L] * 8, [L] * 7 + [S] * 7 + [L] * 10, [S] * 24]
     engine = BatchEngine(pair, RouterConfig(), EngineConfig(backend=backend), max_batch=3, mode="hybrid",
                          speculative=SpeculativeConfig(4))
-    results = engine.generate_many(prompts[:3], PARAMS, [Scripted(s) for s in scripts])
+    results = engine.generate_many(prompts[:3], PARAMS, [ScriptedRouter(s) for s in scripts])
     for prompt, script, res in zip(prompts, scripts, results):
         assert [s.role for s in res.trace.steps] == script
         check_each_token_is_its_writers_argmax(pair, prompt, res)
