@@ -28,6 +28,16 @@ def gsm8k_questions(n: int) -> list[str]:
         return [json.loads(line)["question"] for _, line in zip(range(n), f)]
 
 
+def first_train_problem() -> tuple[list[dict], str]:
+    """The first GSM8K train question as chat messages with the evaluation's instruction, and its gold answer:
+    the real-pair end-to-end example of every backend (the pair answers it right at the default tau)."""
+    with open(DATA / "gsm8k_train.jsonl") as f:
+        row = json.loads(f.readline())
+    messages = [{"role": "user", "content": row["question"] +
+                 "\nPlease reason step by step, and put your final answer within \\boxed{}."}]
+    return messages, row["answer"].split("####")[-1].strip()
+
+
 def build_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

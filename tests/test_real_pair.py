@@ -8,8 +8,6 @@ benchmarks/choose_tau.py; this checks the pipeline end to end, it is no accuracy
 question is answered 26 instead of 18 at this tau: a 4-bit 0.5B/1.5B pair gets some wrong).
 """
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +16,9 @@ import torch
 import ead
 from ead.config import Role
 
+from conftest import first_train_problem
+
 pytestmark = pytest.mark.real
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train.jsonl"
-
 
 @pytest.fixture(scope="module")
 def pair():
@@ -30,10 +27,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def natalia(pair):
-    row = json.loads(DATA.read_text().splitlines()[0])
-    gold = row["answer"].split("####")[-1].strip()
-    messages = [{"role": "user", "content": row["question"] +
-                 "\nPlease reason step by step, and put your final answer within \\boxed{}."}]
+    messages, gold = first_train_problem()
     prompt = pair.encode(messages)
     res = ead.Engine(pair, ead.RouterConfig()).generate(prompt, ead.SamplingParams(max_new_tokens=320))
     return prompt, res, gold

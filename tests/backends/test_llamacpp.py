@@ -32,6 +32,8 @@ from ead.engine import Engine
 from ead.errors import ConfigError
 from ead.runner import ModelRunner, choose_backend
 
+from conftest import first_train_problem
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 LLAMACPP, HF = EngineConfig(backend="llamacpp"), EngineConfig(backend="hf")
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
@@ -342,9 +344,6 @@ def test_auto_loads_gguf_into_llamacpp_on_cpu_only_when_installed(monkeypatch, l
 
 # --- the real default pair (Q4_K_M GGUF), fetched and cached like tests/test_real_pair.py ------------------
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k_train.jsonl"
-
-
 @pytest.fixture(scope="module")
 def real_pair(llama_cpp):
     return ead.load_pair(backend="llamacpp", progress=False)
@@ -352,10 +351,7 @@ def real_pair(llama_cpp):
 
 @pytest.fixture(scope="module")
 def natalia(real_pair):
-    row = json.loads(DATA.read_text().splitlines()[0])
-    gold = row["answer"].split("####")[-1].strip()
-    messages = [{"role": "user", "content": row["question"] +
-                 "\nPlease reason step by step, and put your final answer within \\boxed{}."}]
+    messages, gold = first_train_problem()
     prompt = real_pair.encode(messages)
     res = Engine(real_pair, RouterConfig(), LLAMACPP).generate(prompt, ead.SamplingParams(max_new_tokens=320))
     return prompt, res, gold
