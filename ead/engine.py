@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ead.config import MODES, EngineConfig, Role, RouterConfig, SpeculativeConfig
-from ead.errors import CacheCapacityError, ConfigError
+from ead.errors import CacheCapacityError, ConfigError, RequestError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, VerifyEvent, summarize
 from ead.pair import ModelPair, Prompt
 from ead.router import Router, RoutingPolicy, TokenSignals, token_signals
@@ -91,7 +91,8 @@ class BatchEngine:
         self.backend = choose_backend(list(models.values()), self.engine_cfg.backend, pair.device)
         self.runners = {role: build_batch_runner(m, vocab, self.backend, self.engine_cfg, max_batch)
                         for role, m in models.items()}
-        # On CUDA the routing signals are a dozen small kernels per round; compiled, they are one or two.
+        # The native runner computes routing signals inside its graphs; speculation's verification reads them
+        # from full logits, a dozen small kernels that a compiled function on CUDA makes one or two.
         fuse = self.backend == "native" and torch.device(pair.device).type == "cuda" and self.engine_cfg.fused_kernels
         self.token_signals = torch.compile(token_signals, dynamic=True) if fuse else token_signals
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
@@ -136,7 +137,7 @@ class BatchEngine:
         (`Router(self.cfg)`) for this sequence. Raises CacheCapacityError at once for a prompt that cannot fit."""
         sampling = sampling or SamplingParams()
         if not prompt_ids:
-            raise CacheCapacityError("the prompt is empty; give at least one token")
+            raise RequestError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_seq_tokens:
             raise CacheCapacityError(
                 f"the prompt has {len(prompt_ids)} tokens but the models' context holds {self.max_seq_tokens}; "

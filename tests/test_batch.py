@@ -15,7 +15,7 @@ import torch
 import ead
 from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import BatchEngine, Engine
-from ead.errors import CacheCapacityError, ConfigError
+from ead.errors import CacheCapacityError, ConfigError, RequestError
 from ead.runner import NativeBatchRunner
 from ead.router import ScriptedRouter
 from ead.sampling import SamplingParams
@@ -174,7 +174,7 @@ def test_bad_batch_input_raises_typed_errors(pair):
     engine = BatchEngine(pair, RouterConfig(), EngineConfig(max_seq_tokens=16))
     with pytest.raises(CacheCapacityError, match="shorten the prompt"):
         engine.add(list(range(3, 40)))
-    with pytest.raises(CacheCapacityError, match="empty"):
+    with pytest.raises(RequestError, match="empty"):
         engine.add([])
     with pytest.raises(ConfigError, match="one SamplingParams"):
         engine.generate_many([[1, 2], [3, 4]], [SamplingParams()])
