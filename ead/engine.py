@@ -217,15 +217,16 @@ class BatchEngine:
         # 1. The active model reads every token it has not seen, in one forward pass for all rows: the prompt
         #    on its first use, one token in steady state, and after a switch what the other model wrote.
         feeds = [seq.ids[runner.seen[seq.slot]:] for seq in rows]
+        # 2. The routing signals on the raw logits, and 3. the tokens from each row's sampler, on the device:
+        #    (n, 5) = 4 signals and the token. The native runner computes the signals and the greedy token inside
+        #    its graphs; sampled rows draw here.
         slots = [seq.slot for seq in rows]
-        greedy = all(seq.sampling.greedy for seq in rows)
-        if isinstance(runner, NativeBatchRunner):  # signals and greedy tokens come from inside its graphs
+        if isinstance(runner, NativeBatchRunner):
             logits, summary = runner.feed_many(slots, feeds, with_summary=True)
-            if not greedy:
+            if not all(seq.sampling.greedy for seq in rows):
                 summary = torch.cat([summary[:, :4], self._sample(logits, rows)[:, None].float()], dim=1)
         else:
             logits = runner.feed_many(slots, feeds)  # (n, V) float32
-            # 2. The routing signals on the raw logits, and 3. the tokens from each row's sampler, on the device.
             tokens = self._sample(logits, rows)
             summary = torch.cat([self.token_signals(logits), tokens[:, None].float()], dim=1)
 
