@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--d-min", type=int, default=DEFAULT_MIN_DWELL_TOKENS,
                       help=f"tokens before another switch (default {DEFAULT_MIN_DWELL_TOKENS})")
     rule.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
+    rule.add_argument("--calibration", metavar="FILE", default=None,
+                      help="take the default tau from a file written by `ead calibrate` for this pair")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -80,6 +82,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it "
               "(--api-key or $EAD_API_KEY)", file=sys.stderr)
     pair = load(args)
+    if args.calibration:
+        from ead.calibrate import load_calibration
+        from ead.routing import RoutingConfig
+
+        tau = load_calibration(args.calibration, pair, RoutingConfig.from_router_config(router))
+        router = RouterConfig(threshold_bits=tau, window_tokens=args.window, min_dwell_tokens=args.d_min,
+                              start=Role(args.start))
     cfg = ServeConfig(model_name=args.model_name, api_key=api_key, max_body_bytes=args.max_body_bytes, router=router)
     app = create_app(pair, cfg, EngineConfig(backend=args.backend),
                      max_batch=args.max_batch, max_queue=args.max_queue)

@@ -54,3 +54,18 @@ def test_ead_serve_process_serves_and_stops_on_ctrl_c(tiny_pairs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_refuses_a_calibration_file_made_for_another_pair(tiny_pairs, tmp_path, capsys):
+    from ead.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tom has 3 apples and buys 5 more.\n")
+    cal = tmp_path / "cal.json"
+    llama = ["--small", tiny_pairs["llama"][0], "--large", tiny_pairs["llama"][1], "--device", "cpu"]
+    assert main(["calibrate", *llama, "--large-share", "0.3", "--data", str(prompts), "--limit", "1",
+                 "--max-new-tokens", "8", "--out", str(cal)]) == 0
+    qwen = ["--small", tiny_pairs["qwen2"][0], "--large", tiny_pairs["qwen2"][1], "--device", "cpu"]
+    assert main(["serve", *qwen, "--calibration", str(cal), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "Traceback" not in err
