@@ -31,3 +31,7 @@ class RequestError(EADError, ValueError):
 
 class DatasetError(EADError, ValueError):
     """A benchmark that cannot be read: an unknown dataset name, a missing file, a line without the needed keys."""
+
+
+class RankDivergenceError(EADError):
+    """The ranks of a tensor-parallel group hold different token ids: they no longer run one model."""
