@@ -28,6 +28,17 @@ def gsm8k_questions(n: int) -> list[str]:
         return [json.loads(line)["question"] for _, line in zip(range(n), f)]
 
 
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, max_rel_err: float = 1e-4) -> None:
+    """Fail unless max |ours - ref| <= max_rel_err * max |ref| (float32 parity), naming the first mismatch."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    diff = (ours - ref).abs()
+    scale = ref.abs().max()
+    if diff.max() > max_rel_err * scale:
+        first = tuple((diff > max_rel_err * scale).nonzero()[0].tolist())
+        pytest.fail(f"{what}: max abs diff {diff.max():.3e} (max rel err {diff.max() / scale:.3e} > {max_rel_err}); "
+                    f"first mismatch at index {first}")
+
+
 def first_train_problem() -> tuple[list[dict], str]:
     """The first GSM8K train question as chat messages with the evaluation's instruction, and its gold answer:
     the real-pair end-to-end example of every backend (the pair answers it right at the default tau)."""

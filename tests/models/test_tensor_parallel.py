@@ -28,8 +28,9 @@ from ead.models.tensor_parallel import (
 )
 from ead.models.transformer import ModelArgs, Transformer
 
+from conftest import assert_close
+
 WORLD = 2
-MAX_REL_ERR = 1e-4  # max |sharded - whole| over max |whole|, float32
 PAD_ID = 7
 NEW_TOKENS = 20
 PROMPTS = [[5, 17, 42, 99, 3, 250], [8, 1, 77]]
@@ -122,16 +123,6 @@ def ranks(tmp_path_factory) -> tuple[dict[str, ModelArgs], list[dict]]:
     args, out = arch_args(), tmp_path_factory.mktemp("tp")
     mp.spawn(run_rank, args=(WORLD, free_port(), args, str(out)), nprocs=WORLD, join=True)
     return args, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
-
-
-def assert_close(ours: Tensor, ref: Tensor, what: str) -> None:
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    diff = (ours - ref).abs()
-    scale = ref.abs().max()
-    if diff.max() > MAX_REL_ERR * scale:
-        first = tuple((diff > MAX_REL_ERR * scale).nonzero()[0].tolist())
-        pytest.fail(f"{what}: max abs diff {diff.max():.3e} (max rel err {diff.max() / scale:.3e} > {MAX_REL_ERR}); "
-                    f"first mismatch at index {first}")
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from ead.models.kv_cache import KVCache
 from ead.models.loader import load_native
 from ead.models.transformer import ModelArgs, RopeScaling, Transformer, attention_mask
 
-MAX_REL_ERR = 1e-4  # max |ours - hf| over max |hf|, float32
+from conftest import assert_close
+
 PAD_ID = 7  # a real vocabulary id on purpose: padding must be harmless whatever it holds
 TINY = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}
@@ -50,15 +51,6 @@ def build_hf(name: str) -> PreTrainedModel:
 def models(request) -> tuple[PreTrainedModel, Transformer]:
     hf = build_hf(request.param)
     return hf, load_native(hf, "cpu", torch.float32)
-
-
-def assert_close(ours: Tensor, ref: Tensor, what: str) -> None:
-    diff = (ours - ref).abs()
-    scale = ref.abs().max()
-    if diff.max() > MAX_REL_ERR * scale:
-        first = tuple((diff > MAX_REL_ERR * scale).nonzero()[0].tolist())
-        pytest.fail(f"{what}: max abs diff {diff.max():.3e} (max rel err {diff.max() / scale:.3e} > {MAX_REL_ERR}); "
-                    f"first mismatch at index {first}")
 
 
 @torch.no_grad()
