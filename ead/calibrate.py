@@ -233,16 +233,23 @@ def save_calibration(path: Path, cal: Calibration, pair: dict, settings: dict, e
     return record
 
 
+def read_calibration(path: str | Path) -> tuple[float, dict, dict]:
+    """(tau, the pair it was made for, its settings) from a file `ead calibrate` wrote, unchecked: use
+    load_calibration once the pair is loaded."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        return float(record["tau"]), record["pair"], record["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not a calibration file ead can read ({type(e).__name__}: {e}); make one "
+                          "with `ead calibrate --large-share 0.25 --out FILE`") from None
+
+
 def load_calibration(path: str | Path, pair, routing: RoutingConfig | None = None) -> float:
     """tau from a file `ead calibrate` wrote, after checking it was made for this `pair` (a loaded ModelPair)
     and, when `routing` is given, with its signal, window, d_min and start. Raises ConfigError otherwise."""
     path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-        tau, made_for, settings = float(record["tau"]), record["pair"], record["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path} is not a calibration file ead can read ({type(e).__name__}: {e}); make one "
-                          "with `ead calibrate --large-share 0.25 --out FILE`") from None
+    tau, made_for, settings = read_calibration(path)
     here = pair_identity(pair)
     for role in ("small", "large"):
         if not _same_model(made_for[role], here[role]):

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--tau", type=float, default=DEFAULT_THRESHOLD_BITS,
                     help=f"threshold in bits for --mode ead (default {DEFAULT_THRESHOLD_BITS})")
     ev.add_argument("--large-share", type=float, metavar="F", help="for --mode random: the large model's share, 0..1")
+    ev.add_argument("--calibration", metavar="FILE",
+                    help="for --mode ead or hybrid: tau from a file `ead calibrate` wrote (instead of --tau), "
+                         "checked against the pair when it loads")
     ev.add_argument("--large-share-from", metavar="EAD_RUN_DIR",
                     help="for --mode random: F = the measured large share of that finished run")
     ev.add_argument("--out", required=True, metavar="RUN_DIR", help="where results.jsonl and manifest.json go")
@@ -119,6 +122,12 @@ def _lazy_engine(args: argparse.Namespace) -> Callable[[str], tuple]:
 
             if not pairs:
                 pairs.append(load(args))
+                if getattr(args, "calibration", None):  # refuse a tau calibrated for another pair or rule
+                    from ead.calibrate import load_calibration
+                    from ead.routing import RoutingConfig
+
+                    rule = RouterConfig(window_tokens=args.window, min_dwell_tokens=args.d_min)
+                    load_calibration(args.calibration, pairs[0], RoutingConfig.from_router_config(rule))
             pair, cfg, batch = pairs[0], EngineConfig(backend=args.backend), max(1, args.batch)
             if batch > 1:
                 engine = ead.engine.BatchEngine(pair, RouterConfig(), cfg, max_batch=batch, mode=mode)
@@ -160,7 +169,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.mode == "random" and args.large_share_from:
         src = Path(args.large_share_from)
         share = _share_of(read_rows(src / "results.jsonl"), src)
-    spec = _spec(args, dataset, args.mode, tau=args.tau if args.mode in ("ead", "hybrid") else None,
+    tau = args.tau
+    if args.calibration and args.mode in ("ead", "hybrid"):
+        from ead.calibrate import read_calibration
+
+        tau = read_calibration(args.calibration)[0]
+    spec = _spec(args, dataset, args.mode, tau=tau if args.mode in ("ead", "hybrid") else None,
                  share=share if args.mode == "random" else None)
     state = open_run(Path(args.out), spec, dataset, args.limit)
     extra = {"large_share_from": args.large_share_from} if args.mode == "random" else None

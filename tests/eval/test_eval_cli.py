@@ -227,3 +227,19 @@ def test_hybrid_validates_its_tau(models, tmp_path, capsys):
     code = main(["eval", "--dataset", "gsm8k", "--mode", "hybrid", "--tau", "nan", *models, "--out",
                  str(tmp_path / "x")])
     assert code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_eval_takes_tau_from_a_calibration_file_and_refuses_another_pairs(models, tiny_pairs, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tom has 3 apples and buys 5 more.\n")
+    for arch in ("qwen2", "llama"):
+        small, large = tiny_pairs[arch]
+        assert main(["calibrate", "--small", small, "--large", large, "--device", "cpu", "--large-share", "0.3",
+                     "--data", str(prompts), "--limit", "1", "--max-new-tokens", "8",
+                     "--out", str(tmp_path / f"{arch}.json")]) == 0
+    tau = json.loads((tmp_path / "qwen2.json").read_text())["tau"]
+    assert main(eval_args(models, tmp_path / "ok", "--limit", "1", "--calibration", str(tmp_path / "qwen2.json"))) == 0
+    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["config"]["tau"] == tau
+    capsys.readouterr()
+    code = main(eval_args(models, tmp_path / "no", "--limit", "1", "--calibration", str(tmp_path / "llama.json")))
+    assert code == 2 and "ConfigError" in capsys.readouterr().err
