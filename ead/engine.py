@@ -73,11 +73,17 @@ class BatchEngine:
 
     def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
                  max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75, mode: str = "ead",
-                 speculative: SpeculativeConfig | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, sync: Callable[[Tensor], Tensor] | None = None) -> None:
+        """`sync`, for a model split across processes (ead.models.tensor_parallel): applied to each round's
+        (rows, 5) summary of signals and tokens before the routers read it, e.g. `broadcast_from_first`, so
+        that one rank's sampler and routers decide for all."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if sync is not None and mode != "ead":
+            raise ConfigError(f"a tensor-parallel sync supports mode 'ead' only so far, got mode {mode!r}")
+        self.sync = sync
         self.pair = pair
         self.cfg = cfg or RouterConfig()
         self.engine_cfg = engine_cfg or EngineConfig()
@@ -231,6 +237,8 @@ class BatchEngine:
             summary = torch.cat([self.token_signals(logits), tokens[:, None].float()], dim=1)
 
         # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
+        if self.sync is not None:
+            summary = self.sync(summary.contiguous())
         values = summary.tolist()
         step_ms = self._account(role, groups, rows, t0)
 

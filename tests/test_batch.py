@@ -171,6 +171,8 @@ def test_bad_batch_input_raises_typed_errors(pair):
         BatchEngine(pair, max_wait_steps=-1)
     with pytest.raises(ConfigError, match="large_fill"):
         BatchEngine(pair, large_fill=1.5)
+    with pytest.raises(ConfigError, match="tensor-parallel sync supports mode 'ead' only"):
+        BatchEngine(pair, mode="speculative", sync=lambda summary: summary)
     engine = BatchEngine(pair, RouterConfig(), EngineConfig(max_seq_tokens=16))
     with pytest.raises(CacheCapacityError, match="shorten the prompt"):
         engine.add(list(range(3, 40)))

@@ -20,6 +20,7 @@ from ead.errors import ConfigError
 from ead.models.kv_cache import KVCache
 from ead.models.tensor_parallel import (
     RankDivergenceError,
+    broadcast_from_first,
     check_ranks_agree,
     generate,
     init_rank,
@@ -207,7 +208,7 @@ EAD_ARCHS = ["qwen2", "qwen3"]  # the large model's q/k/v biases and its q/k nor
 EAD_PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting."]
 
 
-def ead_engine(folders: tuple[str, str], tau: float, rank: int | None = None, world: int = 1):
+def ead_engine(folders: tuple[str, str], tau: float, rank: int | None = None, world: int = 1, sync=None):
     """A native-backend BatchEngine of two rows; with `rank`, its large runner runs `shard(large, rank, world)`.
     (What `--large-tp` would do; here by swapping the runner, since the engine has no hook for it yet.)"""
     import ead
@@ -217,7 +218,7 @@ def ead_engine(folders: tuple[str, str], tau: float, rank: int | None = None, wo
 
     pair = ead.load_pair(*folders, device="cpu")
     cfg = RouterConfig(threshold_bits=tau, window_tokens=2, min_dwell_tokens=2)
-    engine = BatchEngine(pair, cfg, EngineConfig(backend="native", cuda_graphs=False), max_batch=2)
+    engine = BatchEngine(pair, cfg, EngineConfig(backend="native", cuda_graphs=False), max_batch=2, sync=sync)
     if rank is not None:
         large = engine.runners[Role.LARGE]
         engine.runners[Role.LARGE] = NativeBatchRunner(shard(large.model, rank, world), large.vocab_size,
@@ -237,8 +238,19 @@ def run_ead_rank(rank: int, world: int, port: int, runs: dict[str, tuple[tuple[s
         outs = engine.generate_many([pair.encode(p) for p in EAD_PROMPTS], SamplingParams(max_new_tokens=30))
         results[arch] = [(r.token_ids, [s.role.value for s in r.trace.steps]) for r in outs]
         check_ranks_agree([r.token_ids for r in outs], "cpu")
+        # Sampled, with a different seed on each rank: the engine's sync makes rank 0's draws everyone's.
+        pair, engine = ead_engine(folders, tau, rank, world, sync=broadcast_from_first)
+        outs = engine.generate_many([pair.encode(p) for p in EAD_PROMPTS], sampled(seed=rank))
+        results[arch + "-sampled"] = [(r.token_ids, [s.role.value for s in r.trace.steps]) for r in outs]
+        check_ranks_agree([r.token_ids for r in outs], "cpu")
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def sampled(seed: int):
+    from ead.sampling import SamplingParams
+
+    return [SamplingParams(temperature=0.9, seed=seed + i, max_new_tokens=30) for i in range(len(EAD_PROMPTS))]
 
 
 def test_ead_with_a_sharded_large_model_equals_unsharded(tiny_pairs, tmp_path):
@@ -260,11 +272,16 @@ def test_ead_with_a_sharded_large_model_equals_unsharded(tiny_pairs, tmp_path):
         outs = engine.generate_many([pair.encode(p) for p in EAD_PROMPTS], SamplingParams(max_new_tokens=30))
         expected[arch] = [(r.token_ids, [s.role.value for s in r.trace.steps]) for r in outs]
         assert any(r.stats.tokens_large > 0 for r in outs) and any(r.stats.tokens_small > 0 for r in outs)
+        pair, engine = ead_engine(tiny_pairs[arch], tau)
+        outs = engine.generate_many([pair.encode(p) for p in EAD_PROMPTS], sampled(seed=0))  # rank 0's seeds
+        expected[arch + "-sampled"] = [(r.token_ids, [s.role.value for s in r.trace.steps]) for r in outs]
+        other = ead_engine(tiny_pairs[arch], tau)[1].generate_many([pair.encode(p) for p in EAD_PROMPTS], sampled(1))
+        assert [r.token_ids for r in other] != [r.token_ids for r in outs]  # rank 1's own seeds would diverge
         runs[arch] = (tiny_pairs[arch], tau)
     mp.spawn(run_ead_rank, args=(WORLD, free_port(), runs, str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        for arch in EAD_ARCHS:
+        for arch in [a + suffix for a in EAD_ARCHS for suffix in ("", "-sampled")]:
             for b, ((ids, roles), (ref_ids, ref_roles)) in enumerate(zip(got[arch], expected[arch])):
                 first = next((i for i, (x, y) in enumerate(zip(ids, ref_ids)) if x != y), None)
                 assert ids == ref_ids, f"{arch} row {b} rank {rank}: first differing token at {first}"
