@@ -15,9 +15,11 @@ from ead.config import (
     DEFAULT_MIN_DWELL_TOKENS,
     DEFAULT_THRESHOLD_BITS,
     DEFAULT_WINDOW_TOKENS,
+    MODES,
     EngineConfig,
     Role,
     RouterConfig,
+    SpeculativeConfig,
 )
 from ead.errors import ConfigError
 
@@ -50,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
     rule.add_argument("--calibration", metavar="FILE", default=None,
                       help="take the default tau from a file written by `ead calibrate` for this pair")
+    spec = p.add_argument_group("speculative decoding (for every request; backends hf and native)")
+    spec.add_argument("--mode", choices=MODES, default="ead",
+                      help="'ead' (default); 'speculative' = the large model's text, drafted by the small one; "
+                           "'hybrid' = EAD with its large segments written by speculation")
+    spec.add_argument("--gamma", type=int, default=4, help="most tokens drafted per large-model pass (default 4)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -90,8 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         router = RouterConfig(threshold_bits=tau, window_tokens=args.window, min_dwell_tokens=args.d_min,
                               start=Role(args.start))
     cfg = ServeConfig(model_name=args.model_name, api_key=api_key, max_body_bytes=args.max_body_bytes, router=router)
-    app = create_app(pair, cfg, EngineConfig(backend=args.backend),
-                     max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(pair, cfg, EngineConfig(backend=args.backend), max_batch=args.max_batch,
+                     max_queue=args.max_queue, mode=args.mode, speculative=SpeculativeConfig(max_draft_tokens=args.gamma))
     print(f"serving {args.model_name!r} ({pair.small.source} -> {pair.large.source}) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

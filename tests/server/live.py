@@ -17,8 +17,8 @@ from ead.server.app import ServeConfig, create_app
 
 
 class LiveServer:
-    def __init__(self, pair: ead.ModelPair, cfg: ServeConfig, max_batch: int, max_queue: int) -> None:
-        self.app = create_app(pair, cfg, max_batch=max_batch, max_queue=max_queue)
+    def __init__(self, pair: ead.ModelPair, cfg: ServeConfig, max_batch: int, max_queue: int, **app_kwargs) -> None:
+        self.app = create_app(pair, cfg, max_batch=max_batch, max_queue=max_queue, **app_kwargs)
         self.worker, self.metrics = self.app.state.worker, self.app.state.metrics
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

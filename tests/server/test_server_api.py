@@ -253,3 +253,21 @@ def test_bad_requests_never_stop_the_server(client, server):
     assert status == 400 and error_of(raw)["param"] == "messages[0]"
     r = client.completions.create(model="ead", prompt=PROMPT, max_tokens=4)
     assert r.usage.completion_tokens == 4 and not math.isnan(r.model_extra["ead"]["large_share"])
+
+
+def test_a_speculative_server_writes_the_large_models_text(pair):
+    """`ead serve --mode speculative`: each request's text is the large model's greedy text (offline, large
+    only), drafted by the small model; the ead extras count every token as the large model's."""
+    import math
+
+    from ead.config import Role
+
+    large_only = RouterConfig(threshold_bits=-math.inf, min_dwell_tokens=0, start=Role.LARGE)
+    with LiveServer(pair, ServeConfig(), max_batch=2, max_queue=4, mode="speculative") as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0, timeout=60)
+        for prompt in (PROMPT, "Weng earns $12 an hour for babysitting."):
+            got = client.completions.create(model="ead", prompt=prompt, max_tokens=24,
+                                            extra_body={"ignore_eos": True})
+            want = offline(pair, prompt, large_only, max_new_tokens=24, ignore_eos=True)
+            assert got.choices[0].text == want.text
+            assert got.model_extra["ead"]["tokens_small"] == 0
