@@ -1,16 +1,16 @@
-"""Runners: one model and its own KV cache for one sequence, behind the three operations the engine uses.
+"""Runners: one model and its KV caches, behind the few operations the engine uses.
 
-`feed(ids)` appends tokens to the cache in one forward pass and returns the next-token logits; `seen` says how
-many tokens the cache holds; `reset()` starts a new sequence. Prefill, one-token decode and the catch-up after a
-switch are the same call with different lengths, so the EAD rule in `ead.engine` never sees which runner it has.
+`ModelRunner` is one transformers model with one DynamicCache: `feed(ids)` appends tokens in one forward pass
+and returns the next-token logits, `seen` counts the cached tokens, `reset()` starts over. Prefill, one-token
+decode and the catch-up after a switch are the same call with different lengths.
 
-Two runners, batch size 1:
-- `ModelRunner` drives a transformers model eagerly. On a GPU it is launch-bound (about 12 tok/s on an H100
-  at every model size), so there EAD saves no time; it is the reference and the fallback.
-- `NativeRunner` runs ead's own decoder (`ead.models`) on a KV cache allocated once, and on CUDA replays the
-  one-token step as a CUDA graph (`ead.models.graphs`); prefill and catch-up run eagerly.
-`choose_backend` and `build_runner` turn `EngineConfig.backend` into one of them, or into the llama.cpp runners
-for GGUF files on a CPU (`ead.backends.llamacpp`).
+The engine runs batched runners, one slot per sequence (see HFBatchRunner for the interface):
+- `HFBatchRunner`: a ModelRunner per slot, fed one after another. On a GPU it is launch-bound (about 12 tok/s
+  on an H100 at every model size), so there EAD saves no time; it is the reference and the fallback.
+- `NativeBatchRunner`: ead's own decoder (`ead.models`) on a KV cache allocated once, its passes replayed as
+  CUDA graphs (`ead.models.graphs`).
+`choose_backend` and `build_batch_runner` turn `EngineConfig.backend` into one of them, or into the llama.cpp
+runner for GGUF files on a CPU (`ead.backends.llamacpp`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-from ead.backends.llamacpp import LlamaCppBatchRunner, LlamaCppRunner, is_llamacpp_model
+from ead.backends.llamacpp import LlamaCppBatchRunner, is_llamacpp_model
 from ead.config import EngineConfig
 from ead.errors import ConfigError, ModelLoadError
 from ead.models.graphs import DecodeGraph
@@ -76,56 +76,6 @@ class ModelRunner:
         self.seen += len(token_ids)
         logits = out.logits[0, :, : self.vocab_size].float()  # (keep, V)
         return logits if all_logits else logits[-1]
-
-
-class NativeRunner:
-    """ead's decoder with a one-row KVCache of `max_seq_tokens` slots, allocated once, and on CUDA with
-    `cuda_graphs` a captured decode step. `cuda_graphs=False` (or a CPU model) runs every step eagerly and
-    gives the same tokens."""
-
-    def __init__(self, model: Transformer, vocab_size: int, max_seq_tokens: int | None = None,
-                 cuda_graphs: bool = True) -> None:
-        self.model = model
-        weight = model.tok_embeddings.weight
-        self.device = weight.device
-        self.vocab_size = vocab_size
-        limit = model.args.max_position_embeddings
-        default = min(limit, DEFAULT_NATIVE_MAX_SEQ_TOKENS)
-        self.max_seq_tokens = resolve_max_seq_tokens(max_seq_tokens, limit, default)
-        self.cache = KVCache.for_model(model.args, max_batch=1, max_seq_tokens=self.max_seq_tokens,
-                                       dtype=weight.dtype, device=self.device)
-        self.graph = DecodeGraph(model, self.cache) if cuda_graphs and self.device.type == "cuda" else None
-        self.seen = 0
-
-    @classmethod
-    def from_hf(cls, hf_model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
-                cuda_graphs: bool = True) -> NativeRunner:
-        """A runner for a loaded transformers model, on its device and in its dtype. The fused q/k/v and
-        gate/up weights are new tensors, the others shared with `hf_model`: while it stays loaded, a Qwen2.5
-        model takes about 1.6 times its weight bytes on the device."""
-        return cls(load_native(hf_model, hf_model.device, hf_model.dtype), vocab_size, max_seq_tokens, cuda_graphs)
-
-    def reset(self) -> None:
-        """Forget the current sequence. The old keys and values stay; the mask hides them until overwritten."""
-        self.cache.reset_row(0)
-        self.seen = 0
-
-    @torch.inference_mode()
-    def feed(self, token_ids: list[int]) -> Tensor:
-        """Process `token_ids` (the tokens this model has not seen yet) and return the logits for the token
-        after them: (V,) float32 on the model's device, valid until the next `feed`. Raises
-        CacheCapacityError, before any device work, if the cache would overflow."""
-        assert token_ids, "feed needs at least one new token"
-        n = len(token_ids)
-        self.cache.check_capacity([0], [self.seen + n])  # host-side numbers: no device sync
-        if n == 1 and self.graph is not None:
-            logits = self.graph.run(token_ids[0], self.seen)
-        else:
-            tokens = torch.tensor([token_ids], dtype=torch.int64, device=self.device)  # (1, T)
-            positions = torch.arange(self.seen, self.seen + n, device=self.device)[None]  # (1, T)
-            logits = self.model(tokens, positions, self.cache, last_only=True)[0].float()  # (V,)
-        self.seen += n
-        return logits[: self.vocab_size]
 
 
 class HFBatchRunner:
@@ -200,7 +150,9 @@ class NativeBatchRunner:
     @classmethod
     def from_hf(cls, hf_model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
                 cuda_graphs: bool = True, max_batch: int = 1, fused_kernels: bool = False) -> NativeBatchRunner:
-        """See NativeRunner.from_hf for the memory this takes beside the transformers model."""
+        """A runner for a loaded transformers model, on its device and in its dtype. The fused q/k/v and
+        gate/up weights are new tensors, the others shared with `hf_model`: while it stays loaded, a Qwen2.5
+        model takes about 1.6 times its weight bytes on the device."""
         return cls(load_native(hf_model, hf_model.device, hf_model.dtype), vocab_size, max_seq_tokens, cuda_graphs,
                    max_batch, fused_kernels)
 
@@ -384,13 +336,3 @@ def build_batch_runner(model: PreTrainedModel, vocab_size: int, backend: str, cf
         return NativeBatchRunner.from_hf(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs, max_batch,
                                          cfg.fused_kernels)
     return HFBatchRunner(model, vocab_size, cfg.max_seq_tokens, max_batch)
-
-
-def build_runner(model: PreTrainedModel, vocab_size: int, backend: str,
-                 cfg: EngineConfig) -> ModelRunner | NativeRunner:
-    """The runner for one model of the pair; `backend` is 'hf', 'native' or 'llamacpp' (see choose_backend)."""
-    if backend == "llamacpp":
-        return LlamaCppRunner(model, vocab_size, cfg.max_seq_tokens)
-    if backend == "native":
-        return NativeRunner.from_hf(model, vocab_size, cfg.max_seq_tokens, cfg.cuda_graphs)
-    return ModelRunner(model, vocab_size, cfg.max_seq_tokens)

@@ -1,4 +1,4 @@
-"""NativeRunner and backend selection, against transformers as the independent reference.
+"""NativeBatchRunner and backend selection, against transformers as the independent reference.
 
 The engine with the native backend must write the same greedy tokens, with the same roles, as with the HF
 backend: small only, large only, and switching both ways; and through the native engine every token must be
@@ -19,7 +19,7 @@ from ead.cli import main
 from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import Engine
 from ead.errors import CacheCapacityError, ConfigError
-from ead.runner import HFBatchRunner, ModelRunner, NativeRunner, choose_backend
+from ead.runner import HFBatchRunner, ModelRunner, NativeBatchRunner, choose_backend
 from ead.sampling import SamplingParams
 
 from conftest import ARCHS
@@ -92,32 +92,32 @@ def test_native_catch_up_gives_the_active_models_choice_on_the_full_prefix(pair,
 
 def test_native_runner_logits_match_the_hf_runner_through_prefill_decode_and_catch_up(pair):
     vocab = pair.small.model.config.vocab_size
-    hf, native = ModelRunner(pair.large.model, vocab), NativeRunner.from_hf(pair.large.model, vocab)
+    hf, native = ModelRunner(pair.large.model, vocab), NativeBatchRunner.from_hf(pair.large.model, vocab)
     for chunk in ([5, 9, 40, 41, 7, 3, 100], [12], [13, 14, 15, 16], [2]):
-        ref, ours = hf.feed(chunk), native.feed(chunk)
+        ref, [ours] = hf.feed(chunk), native.feed_many([0], [chunk])
         err = ((ours - ref).abs().max() / ref.abs().max()).item()
         assert err < MAX_REL_ERR, f"after feeding {chunk}: max rel err {err:.2e}"
-        assert native.seen == hf.seen and ours.shape == (vocab,) and ours.dtype == torch.float32
+        assert native.seen[0] == hf.seen and ours.shape == (vocab,) and ours.dtype == torch.float32
 
 
 def test_native_runner_refuses_overflow_before_touching_the_cache(tiny_pairs):
     model = ead.load_pair(*tiny_pairs["llama"], device="cpu").small.model
-    runner = NativeRunner.from_hf(model, model.config.vocab_size, max_seq_tokens=8)
-    assert runner.cache.max_seq_tokens == 8 and runner.graph is None  # no graphs on CPU
-    runner.feed([1, 2, 3, 4, 5, 6])
+    runner = NativeBatchRunner.from_hf(model, model.config.vocab_size, max_seq_tokens=8)
+    assert runner.cache.max_seq_tokens == 8 and not runner.use_graphs  # no graphs on CPU
+    runner.feed_many([0], [[1, 2, 3, 4, 5, 6]])
     with pytest.raises(CacheCapacityError, match=r"needs 9 tokens.*max_seq_tokens=8"):
-        runner.feed([7, 8, 9])
-    assert runner.seen == 6 and runner.cache.lengths.tolist() == [6]
-    runner.feed([7, 8])  # the refused call changed nothing, so the last two slots are still free
-    runner.reset()
-    assert runner.seen == 0 and runner.cache.lengths.tolist() == [0]
+        runner.feed_many([0], [[7, 8, 9]])
+    assert runner.seen == [6] and runner.cache.lengths.tolist() == [6]
+    runner.feed_many([0], [[7, 8]])  # the refused call changed nothing, so the last two slots are still free
+    runner.reset(0)
+    assert runner.seen == [0] and runner.cache.lengths.tolist() == [0]
 
 
 def test_native_default_context_is_the_models_capped_at_4096(tiny_pairs):
     model = ead.load_pair(*tiny_pairs["qwen2"], device="cpu").small.model
-    assert NativeRunner.from_hf(model, 10).max_seq_tokens == 256  # the tiny models' max_position_embeddings
+    assert NativeBatchRunner.from_hf(model, 10).max_seq_tokens == 256  # the tiny models' max_position_embeddings
     with pytest.raises(ConfigError, match=r"max_seq_tokens=300 exceeds.*max_position_embeddings=256"):
-        NativeRunner.from_hf(model, 10, max_seq_tokens=300)
+        NativeBatchRunner.from_hf(model, 10, max_seq_tokens=300)
 
 
 @pytest.mark.parametrize("engine_cfg", [NATIVE, HF], ids=["native", "hf"])

@@ -68,18 +68,8 @@ class DecodeGraph:
                 logits = logits[:, :vocab_size]
                 logits = torch.cat([logits, token_summary(logits)], dim=-1)
             self.logits = logits
-        self.valid.fill_(width)
 
     @torch.inference_mode()  # the static buffers were made in inference mode and may only change in it
-    def run(self, token_id: int, position: int) -> Tensor:
-        """Batch 1, width 1: decode `token_id` at `position` (= cache.lengths[0]) and return (V,) float32
-        logits. The tensor is the graph's static output: the next replay overwrites it."""
-        self.tokens.fill_(token_id)  # fill_ from a host int is a kernel argument: no copy, no sync
-        self.positions.fill_(position)
-        self.graph.replay()
-        return self.logits[0]
-
-    @torch.inference_mode()
     def run_rows(self, tokens: Tensor, positions: Tensor, valid: Tensor, rows: Tensor | None = None) -> Tensor:
         """tokens, positions (batch, width) int64; valid (batch,) (0 leaves a row idle); rows (batch,) for a
         compact graph. Returns the static (batch, V) float32 logits, overwritten by the next replay."""

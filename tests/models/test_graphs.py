@@ -1,6 +1,6 @@
 """Tests for ead/models/graphs.py (GPU only): a replayed decode step equals the eager one.
 
-The reference is the same runner with `cuda_graphs=False`, run step for step beside it, and for the engine
+The reference is the same NativeBatchRunner with `cuda_graphs=False`, run step for step beside it, and for the engine
 transformers itself in float32. No downloads: tiny random models and a tokenizer trained here on made-up text.
 """
 
@@ -15,8 +15,8 @@ import torch
 import ead
 from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import Engine
-from ead.models.graphs import DecodeGraph
-from ead.runner import NativeRunner
+from ead.models.loader import load_native
+from ead.runner import NativeBatchRunner
 from ead.sampling import SamplingParams
 
 from conftest import build_model, build_tokenizer
@@ -28,17 +28,22 @@ PROMPT = "Tom has 3 red apples and 5 green pears; he gives two apples to Ann and
 
 def native_model(arch: str, dtype: torch.dtype):
     hf = build_model(arch, vocab_size=512, hidden=128, layers=3, seed=1).to("cuda", dtype)
-    return NativeRunner.from_hf(hf, 512, max_seq_tokens=128, cuda_graphs=False).model
+    return load_native(hf, hf.device, dtype)
 
 
-def greedy(runner: NativeRunner, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """n greedy tokens; after the 5th, a 4-token catch-up chunk (eager) before one-token steps resume."""
-    runner.reset()
-    logits, tokens, seen = runner.feed(prompt), [], []
+def feed(runner: NativeBatchRunner, ids: list[int]) -> torch.Tensor:
+    """Slot 0's logits after `ids`: (V,)."""
+    return runner.feed_many([0], [ids])[0]
+
+
+def greedy(runner: NativeBatchRunner, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """n greedy tokens; after the 5th, a 4-token catch-up chunk before one-token steps resume."""
+    runner.reset(0)
+    logits, tokens, seen = feed(runner, prompt), [], []
     for i in range(n):
         tokens.append(int(logits.argmax()))
         seen.append(logits.clone())
-        logits = runner.feed([tokens[-1], 17, 18, 19] if i == 5 else [tokens[-1]])
+        logits = feed(runner, [tokens[-1], 17, 18, 19] if i == 5 else [tokens[-1]])
     return tokens, torch.stack(seen)
 
 
@@ -54,9 +59,9 @@ def assert_same_tokens_and_close_logits(a, b, what: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_graph_replay_equals_eager(arch, dtype):
     model = native_model(arch, dtype)
-    graphed = NativeRunner(model, 512, max_seq_tokens=128, cuda_graphs=True)
-    eager = NativeRunner(model, 512, max_seq_tokens=128, cuda_graphs=False)
-    assert graphed.graph is not None and eager.graph is None
+    graphed = NativeBatchRunner(model, 512, max_seq_tokens=128, cuda_graphs=True)
+    eager = NativeBatchRunner(model, 512, max_seq_tokens=128, cuda_graphs=False)
+    assert graphed.use_graphs and not eager.use_graphs
     prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(3)).tolist()
     for _ in range(2):  # a second sequence reuses the cache after reset
         assert_same_tokens_and_close_logits(greedy(graphed, prompt, 40), greedy(eager, prompt, 40), f"{arch}")
@@ -64,18 +69,19 @@ def test_graph_replay_equals_eager(arch, dtype):
 
 def test_capture_mid_sequence_leaves_the_cache_as_it_was():
     model = native_model("llama", torch.bfloat16)
-    runner, eager = (NativeRunner(model, 512, max_seq_tokens=128, cuda_graphs=False) for _ in range(2))
+    runner, eager = (NativeBatchRunner(model, 512, max_seq_tokens=128, cuda_graphs=graphs) for graphs in (True, False))
     prompt = list(range(30, 45))
-    runner.feed(prompt), eager.feed(prompt)
+    feed(runner, prompt), feed(eager, prompt)
     k, v, lengths = runner.cache.k.clone(), runner.cache.v.clone(), runner.cache.lengths.clone()
-    runner.graph = DecodeGraph(model, runner.cache)
+    assert (1, 1, runner.span(len(prompt) + 1)) not in runner.graphs
+    runner._graph(1, 1, runner.span(len(prompt) + 1))  # the decode graph, captured mid-sequence
     real = slice(0, runner.cache.trash_slot)  # warm-up may write the trash slot, nothing else
     assert torch.equal(runner.cache.k[:, :, :, real], k[:, :, :, real])
     assert torch.equal(runner.cache.v[:, :, :, real], v[:, :, :, real])
     assert torch.equal(runner.cache.lengths, lengths)
     for token in (5, 6, 7, 8):
-        ours, ref = runner.feed([token]), eager.feed([token])
-        assert torch.equal(ours.argmax(), ref.argmax()) and runner.cache.lengths.tolist() == [runner.seen]
+        ours, ref = feed(runner, [token]), feed(eager, [token])
+        assert torch.equal(ours.argmax(), ref.argmax()) and runner.cache.lengths.tolist() == runner.seen
 
 
 @pytest.fixture(scope="module")
