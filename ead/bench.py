@@ -213,13 +213,14 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
             "catchup_tokens": sum(r.stats.catchup_tokens for r in results)}
 
 
-def bench_pair(pair, args, emit: Callable[[dict], None], label: dict) -> None:
+def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: str | None = None,
+               batches: list[int] | None = None, shares: list[float] | None = None) -> None:
     """small-only, large-only and EAD at each share, at each batch size, through one BatchEngine per size."""
     from ead.engine import BatchEngine
 
-    cfg = EngineConfig(backend=args.backend, max_seq_tokens=args.prompt_tokens + args.tokens + 8)
+    cfg = EngineConfig(backend=backend or args.backend, max_seq_tokens=args.prompt_tokens + args.tokens + 8)
     vocab = min(_vocab(pair.small.model), _vocab(pair.large.model))
-    for batch in args.batch:
+    for batch in args.batch if batches is None else batches:
         gen = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(3, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(batch)]
         out = {"config": "engine", **label, "batch": batch}
@@ -230,7 +231,7 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict) -> None:
                 engine.warm_up(args.prompt_tokens + args.tokens + 1)
                 out["capture_s"] = round(time.perf_counter() - t0, 2)
                 modes = {"small_only": [[Role.SMALL]] * batch, "large_only": [[Role.LARGE]] * batch}
-                for f in args.shares:
+                for f in args.shares if shares is None else shares:
                     modes[f"ead_f{f:g}"] = [roles_for_share(args.tokens, f, seed=1000 * batch + i) for i in range(batch)]
                 # warm-up, untimed: captures the graphs and compiles the kernels this batch size needs (every
                 # span the rows grow through, catch-up widths of typical switches)
@@ -268,11 +269,8 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, copy
           "floor_ms": weights / copy_bw * 1e3, "floor_tok_per_s": copy_bw / weights})
     half = SimpleNamespace(model=model, params=n_params(model), source=shape)
     pair = BenchPair(small=half, large=half, device=device)
-    saved = args.batch, args.shares
-    args.batch, args.shares = [1], []
     bench_pair(pair, args, lambda row: emit({**row, "floor_fraction": row.get("tok_per_s", 0) * weights / copy_bw})
-               if row.get("mode") == "small_only" or "error" in row else None, {"shape": shape})
-    args.batch, args.shares = saved
+               if row.get("mode") == "small_only" or "error" in row else None, {"shape": shape}, batches=[1], shares=[])
     del model, pair, half
     gc.collect()
 
@@ -363,10 +361,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ead.pair import load_pair
 
         for backend in args.backend.split(","):  # e.g. llamacpp,hf: side by side in one run
-            args.backend = backend
             pair = load_pair(device=device, dtype=str(dtype).removeprefix("torch."), cache_root=cache_dir(args),
                              backend=backend)
-            bench_pair(pair, args, emit, {"pair": f"default pair, {backend}"})
+            bench_pair(pair, args, emit, {"pair": f"default pair, {backend}"}, backend=backend)
             del pair
             gc.collect()
     else:
