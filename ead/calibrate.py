@@ -108,18 +108,28 @@ def candidate_thresholds(streams: list[RecordedStream], cfg: RoutingConfig) -> l
 def choose_threshold(streams: list[RecordedStream], large_share: float, cfg: RoutingConfig) -> Calibration:
     """The candidate threshold whose replayed pooled share is closest to `large_share` (see the module docstring).
     `cfg` gives the signal, window, dwell and start; its thresholds and budget are replaced by each candidate."""
-    BudgetConfig(large_share)  # validates the target
+    return choose_thresholds(streams, [large_share], cfg)[0]
+
+
+def choose_thresholds(streams: list[RecordedStream], large_shares: list[float],
+                      cfg: RoutingConfig) -> list[Calibration]:
+    """choose_threshold for each target of `large_shares`, in order, from one replay per candidate threshold."""
+    for f in large_shares:
+        BudgetConfig(f)  # validates the target
     if not any(s.small for s in streams):
         raise ConfigError("no tokens were recorded (every answer was empty); use more prompts or --max-new-tokens")
-    results = []
+    replays = []  # (tau, pooled share, tokens, per-prompt shares), sorted by tau as the candidates are
     for tau in candidate_thresholds(streams, cfg):
         n_large, n, shares = replay(streams, static_rule(cfg, tau))
-        results.append((abs(n_large / n - large_share), tau, n_large / n, n, shares))
-    best_error = min(r[0] for r in results)
-    best = [r for r in results if r[0] <= best_error + 1e-12]  # sorted by tau, as the candidates are
-    _, tau, share, n, shares = best[len(best) // 2]
-    return Calibration(threshold=tau, target_large_share=large_share, large_share=share,
-                       mean_prompt_large_share=statistics.mean(shares), tokens=n, prompts=len(streams))
+        replays.append((tau, n_large / n, n, shares))
+    out = []
+    for f in large_shares:
+        best_error = min(abs(share - f) for _, share, _, _ in replays)
+        best = [r for r in replays if abs(r[1] - f) <= best_error + 1e-12]
+        tau, share, n, shares = best[len(best) // 2]  # the median of equally close ones, away from the plateau's edges
+        out.append(Calibration(threshold=tau, target_large_share=f, large_share=share,
+                               mean_prompt_large_share=statistics.mean(shares), tokens=n, prompts=len(streams)))
+    return out
 
 
 def static_rule(cfg: RoutingConfig, tau: float) -> RoutingConfig:
@@ -129,19 +139,27 @@ def static_rule(cfg: RoutingConfig, tau: float) -> RoutingConfig:
 
 # ---- recording on the real pair ----
 
-def record_streams(pair, prompts: list, max_new_tokens: int, progress=None) -> list[RecordedStream]:
+def record_streams(pair, prompts: list, max_new_tokens: int, progress=None, batch: int = 1) -> list[RecordedStream]:
     """For each prompt (plain text or chat messages): the small model's greedy answer, then both models'
-    signals along it by teacher forcing. `progress(i, n_prompts, n_tokens)` is called after each prompt."""
+    signals along it by teacher forcing. `progress(i, n_prompts, n_tokens)` is called after each prompt.
+    `batch` > 1 writes the answers that many at a time (ead.engine.BatchEngine): the same greedy answers up to
+    rounding, in a fraction of the time on a GPU."""
     from ead.config import RouterConfig
-    from ead.engine import Engine
+    from ead.engine import BatchEngine, Engine
     from ead.sampling import SamplingParams
 
-    engine = Engine(pair, RouterConfig(threshold_bits=math.inf))  # the small model alone
+    ids_list = [pair.encode(prompt) for prompt in prompts]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    small_only = RouterConfig(threshold_bits=math.inf)
+    if batch > 1:
+        engine = BatchEngine(pair, small_only, max_batch=batch)
+        answers = [r.token_ids for r in engine.generate_many(ids_list, sampling)]
+    else:
+        engine = Engine(pair, small_only)
+        answers = (engine.generate(ids, sampling).token_ids for ids in ids_list)  # one at a time, as recorded
     vocab = min(pair.small.model.config.vocab_size, pair.large.model.config.vocab_size)  # as the engine trims
     streams = []
-    for i, prompt in enumerate(prompts):
-        ids = pair.encode(prompt)
-        answer = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens)).token_ids
+    for i, (ids, answer) in enumerate(zip(ids_list, answers)):
         full = ids + answer
         streams.append(RecordedStream(small=teacher_forced_signals(pair.small.model, full, len(ids), vocab),
                                       large=teacher_forced_signals(pair.large.model, full, len(ids), vocab)))
@@ -325,28 +343,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pick the static tau at which the large model writes a target share of the tokens, on GSM8K "
                     "train questions or your prompts, and save it with the pair's identity for "
-                    "`ead generate --calibration FILE`. One small-model pass per prompt plus one forward pass of "
-                    "each model; the rule is then replayed offline for every candidate tau.",
-        epilog="example:\n  ead calibrate --large-share 0.25 --limit 16 --out calibration.json")
+                    "`ead generate --calibration FILE` and `ead eval --calibration FILE`. One small-model pass per "
+                    "prompt plus one forward pass of each model; the rule is then replayed offline for every "
+                    "candidate tau, so several signals and targets cost one recording.",
+        epilog="examples:\n  ead calibrate --large-share 0.25 --limit 16 --out calibration.json\n"
+               "  ead calibrate --signal entropy,varentropy,top1,margin --large-share 0.1,0.25 --batch 16 "
+               "--out-dir cal/\n      # cal/entropy-f0.1.json, cal/entropy-f0.25.json, ..., one recording")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--large-share", type=float, help="target share of tokens written by the large model")
-    target.add_argument("--cost-ratio", type=float, help="target paper cost ((1-f) P_small + f P_large) / P_large")
+    target.add_argument("--large-share", metavar="F[,F...]",
+                        help="target share(s) of tokens written by the large model, e.g. 0.25 or 0.1,0.25")
+    target.add_argument("--cost-ratio", metavar="C[,C...]",
+                        help="target paper cost(s) ((1-f) P_small + f P_large) / P_large")
     add_model_args(p)
     p.add_argument("--data", default=None, help="prompts: JSONL with a 'question' or 'prompt' key, or one prompt a "
                                                 "line (default: GSM8K train from $EAD_DATA_DIR or ../shared/data)")
     p.add_argument("--limit", type=int, default=16, help="use the first N prompts (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=320, help="answer length per prompt (default 320)")
-    p.add_argument("--out", default="ead-calibration.json", help="where to write the JSON (default "
-                                                                 "ead-calibration.json)")
-    p.add_argument("--signal", choices=list(SIGNALS), default="entropy", help="routing signal (default entropy)")
+    p.add_argument("--out", default="ead-calibration.json", help="where to write the JSON, for one signal and one "
+                                                                 "target (default ead-calibration.json)")
+    p.add_argument("--out-dir", metavar="DIR", default=None,
+                   help="write one file per signal and target instead, DIR/<signal>-f<share>.json")
+    p.add_argument("--signal", default="entropy", metavar="S[,S...]",
+                   help=f"routing signal(s): {', '.join(SIGNALS)} (default entropy)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW_TOKENS, help="tokens in the rolling mean")
     p.add_argument("--d-min", type=int, default=DEFAULT_MIN_DWELL_TOKENS, help="tokens before another switch")
     p.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
+    p.add_argument("--batch", type=int, default=1, help="small-model answers written together (default 1)")
     p.add_argument("--raw", action="store_true", help="use prompts as given, without the chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--check", action="store_true", help="then run real EAD at the chosen tau on the same prompts "
-                                                        "and record its share (doubles the time)")
+                                                        "and record its share (doubles the time, per file)")
     p.set_defaults(handler=cmd_calibrate)
+
+
+def _list(text: str, flag: str, cast=float) -> list:
+    try:
+        values = [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers, e.g. 0.1,0.25; got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty; e.g. {flag} 0.25")
+    return list(dict.fromkeys(values))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -354,10 +391,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    rule = RoutingConfig(signal=args.signal, threshold=math.inf, window_tokens=args.window,
-                         min_dwell_tokens=args.d_min, start=Role(args.start))
+    signals = _list(args.signal, "--signal", str)
+    rules = [RoutingConfig(signal=sig, threshold=math.inf, window_tokens=args.window, min_dwell_tokens=args.d_min,
+                           start=Role(args.start)) for sig in signals]  # fails on an unknown signal before loading
+    targets = _list(args.large_share or args.cost_ratio, "--large-share" if args.large_share else "--cost-ratio")
     if args.large_share is not None:
-        BudgetConfig(args.large_share)  # fail on a bad target before loading models
+        for f in targets:
+            BudgetConfig(f)  # fail on a bad target before loading models
+    if len(signals) * len(targets) > 1 and args.out_dir is None:
+        raise ConfigError(f"{len(signals)} signals x {len(targets)} targets make {len(signals) * len(targets)} files; "
+                          "say where they go with --out-dir DIR (one DIR/<signal>-f<share>.json each)")
     data = Path(args.data) if args.data else default_data_file(data_dir=os.environ.get("EAD_DATA_DIR"))
     texts = load_prompts(data, args.limit)
     if not texts:
@@ -367,27 +410,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     prompts = [t + suffix if args.raw else system + [{"role": "user", "content": t + suffix}] for t in texts]
 
     pair = load(args)
-    share = args.large_share
-    if share is None:
-        share = BudgetConfig.for_cost_ratio(args.cost_ratio, pair.small.params, pair.large.params).large_share
+    shares = targets if args.large_share is not None else [
+        BudgetConfig.for_cost_ratio(c, pair.small.params, pair.large.params).large_share for c in targets]
 
     def progress(i: int, n: int, tokens: int) -> None:
         print(f"prompt {i + 1}/{n}: {tokens} tokens", file=sys.stderr)
 
-    streams = record_streams(pair, prompts, args.max_new_tokens, progress)
-    cal = choose_threshold(streams, share, rule)
-    settings = {"signal": args.signal, "window_tokens": args.window, "min_dwell_tokens": args.d_min,
-                "start": args.start, "data": str(data), "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-                "chat_template": not args.raw, "system": args.system, "prompt_suffix": suffix,
-                "sampling": "greedy"}
-    extra = {"target_cost_ratio": args.cost_ratio}
-    if args.check:
-        extra["checked_large_share"] = check_share(pair, prompts, args.max_new_tokens,
-                                                   static_rule(rule, cal.threshold))
-    save_calibration(Path(args.out), cal, pair_identity(pair), settings, extra)
-    checked = f", real EAD {extra['checked_large_share']:.1%}" if args.check else ""
-    print(f"tau {cal.threshold:.4g}: large share {cal.large_share:.1%} replayed on {cal.prompts} prompts, "
-          f"{cal.tokens} tokens (target {share:.1%}{checked}); wrote {args.out}")
+    streams = record_streams(pair, prompts, args.max_new_tokens, progress, batch=max(1, args.batch))
+    identity, costs = pair_identity(pair), targets if args.cost_ratio is not None else [None] * len(shares)
+    for rule in rules:
+        for cal, cost in zip(choose_thresholds(streams, shares, rule), costs):
+            settings = {"signal": rule.signal, "window_tokens": args.window, "min_dwell_tokens": args.d_min,
+                        "start": args.start, "data": str(data), "limit": args.limit,
+                        "max_new_tokens": args.max_new_tokens, "chat_template": not args.raw, "system": args.system,
+                        "prompt_suffix": suffix, "sampling": "greedy"}
+            extra = {"target_cost_ratio": cost}
+            if args.check:
+                extra["checked_large_share"] = check_share(pair, prompts, args.max_new_tokens,
+                                                           static_rule(rule, cal.threshold))
+            out = Path(args.out_dir) / f"{rule.signal}-f{cal.target_large_share:.4g}.json" if args.out_dir \
+                else Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_calibration(out, cal, identity, settings, extra)
+            checked = f", real EAD {extra['checked_large_share']:.1%}" if args.check else ""
+            print(f"{rule.signal} tau {cal.threshold:.4g}: large share {cal.large_share:.1%} replayed on "
+                  f"{cal.prompts} prompts, {cal.tokens} tokens (target {cal.target_large_share:.1%}{checked}); "
+                  f"wrote {out}")
     return 0
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 import ead
-from ead.calibrate import (RecordedStream, candidate_thresholds, choose_threshold, default_data_file,
+from ead.calibrate import (RecordedStream, candidate_thresholds, choose_threshold, choose_thresholds, default_data_file,
                            load_calibration, load_prompts, record_streams, replay, save_calibration)
 from ead.cli import main
 from ead.config import RouterConfig
@@ -171,3 +171,41 @@ def test_save_calibration_writes_what_load_reads(pairs, tmp_path):
     assert load_calibration(tmp_path / "c.json", pair, RoutingConfig()) == 0.75
     with pytest.raises(ConfigError, match="signal 'entropy' \\(here 'top1'\\)"):
         load_calibration(tmp_path / "c.json", pair, RoutingConfig(signal="top1", threshold=0.3))
+
+
+def test_several_targets_choose_as_one_target_each():
+    streams = [stream([2.0] * 10, [0.5] * 10), stream([0.0] * 4, [0.0] * 4)]
+    many = choose_thresholds(streams, [0.3, 0.7, 0.0], RULE)
+    assert many == [choose_threshold(streams, f, RULE) for f in (0.3, 0.7, 0.0)]
+    assert [c.threshold for c in many] == [1.25, 0.25, math.inf]
+
+
+def test_calibrate_several_signals_and_targets_from_one_batched_recording(tiny_pairs, tmp_path, capsys, one_thread):
+    """One call with --out-dir writes a file per (signal, target), each as a call for that signal and target alone
+    would (greedy float32 on CPU: the batched recording writes the same answers as one at a time)."""
+    small, large = tiny_pairs["qwen2"]
+    data = tmp_path / "prompts.txt"
+    data.write_text("Natalia sold clips to 48 of her friends\nWeng earns $12 an hour for babysitting\n"
+                    "Betty is saving money for a new wallet\n")
+    common = ["calibrate", "--small", small, "--large", large, "--device", "cpu", "--data", str(data),
+              "--max-new-tokens", "16", "--window", "2", "--d-min", "2"]
+    assert main([*common, "--signal", "entropy,top1", "--large-share", "0.2,0.4", "--batch", "3",
+                 "--out-dir", str(tmp_path / "cal")]) == 0
+    names = sorted(p.name for p in (tmp_path / "cal").iterdir())
+    assert names == ["entropy-f0.2.json", "entropy-f0.4.json", "top1-f0.2.json", "top1-f0.4.json"]
+    assert capsys.readouterr().err.count("prompt ") == 3  # one recording
+    for signal, share in (("top1", "0.4"), ("entropy", "0.2")):
+        assert main([*common, "--signal", signal, "--large-share", share, "--out", str(tmp_path / "one.json")]) == 0
+        one = json.loads((tmp_path / "one.json").read_text())
+        many = json.loads((tmp_path / "cal" / f"{signal}-f{share}.json").read_text())
+        assert many["settings"]["signal"] == signal and many["target_large_share"] == float(share)
+        assert (many["tau"], many["large_share"], many["tokens"]) == (one["tau"], one["large_share"], one["tokens"])
+
+
+def test_several_files_need_an_out_dir(capsys, tmp_path):
+    code = main(["calibrate", "--small", str(tmp_path / "nope"), "--large", str(tmp_path / "nope"),
+                 "--signal", "entropy,margin", "--large-share", "0.25"])
+    assert code == 2 and "make 2 files; say where they go with --out-dir DIR" in capsys.readouterr().err
+    code = main(["calibrate", "--small", str(tmp_path / "nope"), "--large", str(tmp_path / "nope"),
+                 "--signal", "loudness", "--large-share", "0.25"])
+    assert code == 2 and "unknown routing signal 'loudness'" in capsys.readouterr().err

@@ -11,14 +11,19 @@ import base64
 import html
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from ead.errors import ConfigError
-from ead.eval.runs import MANIFEST, RESULTS, overall_large_share, read_rows
+from ead.eval.runs import MANIFEST, RESULTS, ROUTED_MODES, overall_large_share, read_rows
 from ead.metrics import cost_ratio
+from ead.routing import SIGNALS
 
-MODE_ORDER = {"small": 0, "large": 1, "ead": 2, "random": 3, "speculative": 4, "hybrid": 5}
+MODE_ORDER = {"small": 0, "large": 1, "ead": 2, "budget": 3, "random": 4, "speculative": 5, "hybrid": 6}
+# One colour and marker per routing signal in the Pareto plot; budget runs are the same marker, hollow.
+SIGNAL_STYLE = {"entropy": ("tab:blue", "o"), "varentropy": ("tab:olive", "^"), "top1": ("tab:brown", "v"),
+                "margin": ("tab:cyan", "p")}
 
 
 @dataclass
@@ -37,8 +42,24 @@ class Run:
         return float(tau) if tau is not None else None
 
     @property
+    def signal(self) -> str | None:
+        """The routing signal of an ead, budget or hybrid run (entropy in manifests older than the signals);
+        None for a run that reads none."""
+        return self.manifest["config"].get("signal", "entropy") if self.mode in ROUTED_MODES else None
+
+    @property
+    def target_share(self) -> float | None:
+        """The large share the run aimed at: budget mode's target, the random control's F, or the target a
+        calibrated run's tau was chosen for; None for the others."""
+        if self.mode in ("budget", "random"):
+            return float(self.manifest["config"]["large_share"])
+        return (self.manifest.get("calibration") or {}).get("target_large_share")
+
+    @property
     def label(self) -> str:
         label = self.manifest.get("label") or self.path.name
+        if self.manifest.get("calibration"):
+            label += f" (calibrated for {100 * self.target_share:.4g}%)"
         return f"{label} (share of {self.manifest['control_of']})" if self.manifest.get("control_of") else label
 
 
@@ -51,23 +72,39 @@ def load_runs(paths: list[Path]) -> list[Run]:
             raise ConfigError(f"{path} holds no {MANIFEST}; pass run directories made by 'ead eval' or a sweep "
                               "directory made by 'ead sweep'")
         runs += [Run(d, json.loads((d / MANIFEST).read_text()), read_rows(d / RESULTS)) for d in dirs]
-    return sorted(runs, key=lambda r: (MODE_ORDER[r.mode], r.tau if r.tau is not None else 0.0,
-                                       overall_large_share(r.rows), r.label))
+    signals = list(SIGNALS)
+    return sorted(runs, key=lambda r: (MODE_ORDER[r.mode], signals.index(r.signal) if r.signal else 0,
+                                       r.tau if r.tau is not None else 0.0, overall_large_share(r.rows), r.label))
 
 
 def accuracy(rows: list[dict]) -> float:
     return sum(r["correct"] for r in rows) / len(rows) if rows else math.nan
 
 
+def share_spread(rows: list[dict]) -> dict:
+    """How the large share varies between problems: mean, standard deviation (over the problems, not a sample
+    estimate) and the 10th and 90th percentiles of each problem's own share. Problems with no generated token
+    have no share and are left out; all NaN when none is left."""
+    xs = [r["tokens_large"] / (r["tokens_small"] + r["tokens_large"]) for r in rows
+          if r["tokens_small"] + r["tokens_large"] > 0]
+    if not xs:
+        return {"mean": math.nan, "sd": math.nan, "p10": math.nan, "p90": math.nan}
+    deciles = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+    return {"mean": statistics.mean(xs), "sd": statistics.pstdev(xs), "p10": deciles[0], "p90": deciles[-1]}
+
+
 def summarize_run(run: Run, large: Run | None) -> dict:
     """The paper's numbers for one run. `kept` and `speedup` (wall-clock time of the large-only run over this
     run's) compare with the large-only run on the problems both finished; `cost_reduction` is
-    1 - ((1-f) P_small + f P_large) / P_large with the token-weighted f."""
+    1 - ((1-f) P_small + f P_large) / P_large with the token-weighted f; `per_problem` the share's spread
+    between problems (share_spread), for runs that route."""
     rows, f = run.rows, overall_large_share(run.rows)
     models = run.manifest.get("models") or {}
     p_small, p_large = (models.get(k, {}).get("params") for k in ("small", "large"))
-    out = {"run": run.label, "mode": run.mode, "tau": run.tau, "n": len(rows),
+    routes = run.mode in ROUTED_MODES or run.mode == "random"
+    out = {"run": run.label, "mode": run.mode, "signal": run.signal, "tau": run.tau, "n": len(rows),
            "correct": sum(r["correct"] for r in rows), "accuracy": accuracy(rows), "large_share": f,
+           "target_share": run.target_share, "per_problem": share_spread(rows) if routes else None,
            "cost_reduction": 1 - cost_ratio(f, p_small, p_large) if p_small and p_large else math.nan,
            "cut": sum(r["finish_reason"] == "length" for r in rows), "kept": math.nan, "speedup": math.nan}
     if large is not None and rows:
@@ -94,12 +131,19 @@ def _pct(x: float) -> str:
 def results_table(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
     large = next((r for r in runs if r.mode == "large"), None)
     stats = [summarize_run(r, large) for r in runs]
-    head = ["run", "accuracy", "% of large acc.", "% tokens by large", "cost reduction", "wall-clock speed-up",
-            "cut answers"]
-    body = [[s["run"], f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})", _pct(s["kept"]), _pct(s["large_share"]),
-             _pct(s["cost_reduction"]), "–" if math.isnan(s["speedup"]) else f"{s['speedup']:.2f}x",
-             f"{s['cut']}/{s['n']}"] for s in stats]
+    head = ["run", "signal", "accuracy", "% of large acc.", "% tokens by large", "target share",
+            "share per problem: mean ± sd [p10, p90]", "cost reduction", "wall-clock speed-up", "cut answers"]
+    body = [[s["run"], s["signal"] or "–", f"{_pct(s['accuracy'])} ({s['correct']}/{s['n']})", _pct(s["kept"]),
+             _pct(s["large_share"]), "–" if s["target_share"] is None else _pct(s["target_share"]),
+             _spread(s["per_problem"]), _pct(s["cost_reduction"]),
+             "–" if math.isnan(s["speedup"]) else f"{s['speedup']:.2f}x", f"{s['cut']}/{s['n']}"] for s in stats]
     return head, body, stats
+
+
+def _spread(d: dict | None) -> str:
+    if d is None or math.isnan(d["mean"]):
+        return "–"
+    return f"{_pct(d['mean'])} ± {100 * d['sd']:.1f} [{100 * d['p10']:.1f}, {100 * d['p90']:.1f}]"
 
 
 def breakdown_table(runs: list[Run], key: str) -> tuple[list[str], list[list[str]]] | None:
@@ -119,38 +163,61 @@ def breakdown_table(runs: list[Run], key: str) -> tuple[list[str], list[list[str
 
 
 def pareto_points(runs: list[Run]) -> list[dict]:
-    """One point per run: x the large model's token share, y accuracy, both fractions."""
-    return [{"run": r.label, "path": str(r.path), "mode": r.mode, "tau": r.tau, "n": len(r.rows),
+    """One point per run: x the large model's token share, y accuracy, both fractions; with the run's signal,
+    tau (budget mode: its start), hysteresis tau_down and target share where it has them."""
+    return [{"run": r.label, "path": str(r.path), "mode": r.mode, "signal": r.signal, "tau": r.tau,
+             "tau_down": r.manifest["config"].get("tau_down"), "target_share": r.target_share, "n": len(r.rows),
              "large_share": overall_large_share(r.rows), "accuracy": accuracy(r.rows)} for r in runs if r.rows]
 
 
 def pareto_figure(points: list[dict], title: str):
-    """Accuracy vs large share: EAD points coloured by tau, the random control as a curve, small and large
-    as single markers. Each artist's gid is its mode, so the plotted data can be read back."""
+    """Accuracy vs large share: one colour and marker per routing signal (static-tau EAD runs joined in order of
+    share and labelled with their tau, budget runs hollow and labelled with their target), the random control as
+    a dashed curve, small and large as single markers. Each artist's gid says what it holds ("ead-<signal>",
+    "budget-<signal>", "random", "hybrid", "small", ...), so the plotted data can be read back."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=110)
+    fig = Figure(figsize=(7.5, 4.8), dpi=110)
     ax = fig.add_subplot()
-    by_mode = {m: sorted((p for p in points if p["mode"] == m), key=lambda p: p["large_share"]) for m in MODE_ORDER}
-    xy = {m: ([100 * p["large_share"] for p in ps], [100 * p["accuracy"] for p in ps]) for m, ps in by_mode.items()}
-    if by_mode["random"]:
-        ax.plot(*xy["random"], "X--", color="tab:gray", label="random control", gid="random", zorder=4)
-    if by_mode["ead"]:
-        ax.plot(*xy["ead"], "-", color="tab:blue", alpha=0.3, zorder=1)
-        sc = ax.scatter(*xy["ead"], c=[p["tau"] for p in by_mode["ead"]], cmap="viridis", s=60, zorder=3,
-                        label="EAD (colour: tau)", gid="ead", edgecolors="black")
-        fig.colorbar(sc, ax=ax, label="tau (bits)")
-    if by_mode["hybrid"]:
-        ax.plot(*xy["hybrid"], "D-", color="tab:green", label="hybrid (EAD + speculation)", gid="hybrid", zorder=4)
-    for mode, marker, color, label in (("small", "s", "tab:orange", "small only"), ("large", "*", "tab:red", "large only"),
+
+    def group(mode: str, signal: str | None = None) -> tuple[list[dict], list[float], list[float]]:
+        ps = sorted((p for p in points if p["mode"] == mode and (signal is None or p["signal"] == signal)),
+                    key=lambda p: p["large_share"])
+        return ps, [100 * p["large_share"] for p in ps], [100 * p["accuracy"] for p in ps]
+
+    _, x, y = group("random")
+    if x:
+        ax.plot(x, y, "X--", color="tab:gray", label="random control", gid="random", zorder=2)
+    for signal, (color, marker) in SIGNAL_STYLE.items():
+        ps, x, y = group("ead", signal)
+        if ps:
+            ax.plot(x, y, "-", color=color, alpha=0.35, zorder=1)
+            ax.scatter(x, y, marker=marker, color=color, s=60, edgecolors="black", linewidths=0.5, zorder=3,
+                       label=f"EAD {signal}", gid=f"ead-{signal}")
+            for p, xi, yi in zip(ps, x, y):
+                ax.annotate(f"{p['tau']:.3g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=color)
+        ps, x, y = group("budget", signal)
+        if ps:
+            ax.scatter(x, y, marker=marker, facecolors="none", edgecolors=color, linewidths=2, s=130, zorder=4,
+                       label=f"EAD {signal} budget", gid=f"budget-{signal}")
+            for p, xi, yi in zip(ps, x, y):
+                ax.annotate(f"budget {100 * p['target_share']:.3g}%", (xi, yi), textcoords="offset points",
+                            xytext=(5, -10), fontsize=7, color=color)
+    _, x, y = group("hybrid")
+    if x:
+        ax.plot(x, y, "D-", color="tab:green", label="hybrid (EAD + speculation)", gid="hybrid", zorder=4)
+    for mode, marker, color, label in (("small", "s", "tab:orange", "small only"),
+                                       ("large", "*", "tab:red", "large only"),
                                        ("speculative", "P", "tab:purple", "speculative")):
-        if by_mode[mode]:
-            ax.scatter(*xy[mode], marker=marker, s=120, color=color, label=label, gid=mode, zorder=3)
+        _, x, y = group(mode)
+        if x:
+            ax.scatter(x, y, marker=marker, s=120, color=color, label=label, gid=mode, zorder=3)
     ax.set_xlabel("tokens written by the large model (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     return fig
 
 
@@ -185,7 +252,9 @@ def _dataset_section(runs: list[Run], png: Path) -> dict:
              f"models: {models.get('small', {}).get('source')} -> {models.get('large', {}).get('source')}",
              f"graded by {', '.join(graders)}; max_new_tokens {', '.join(budgets)}",
              ("% of large acc. and speed-up compare with the large-only run on the problems both finished; cost "
-              "reduction is the paper's 1 - ((1-f) P_small + f P_large) / P_large; cut = stopped by max_new_tokens")]
+              "reduction is the paper's 1 - ((1-f) P_small + f P_large) / P_large; cut = stopped by max_new_tokens"),
+             ("target share: budget mode's target, the random control's F, or a calibrated tau's target; share per "
+              "problem: each problem's own large share, its mean and sd over the problems and 10th/90th percentiles")]
     head, body, _ = results_table(runs)
     tables = [("results", head, body)]
     for key, name in (("level", "by level"), ("subject", "by subject")):

@@ -19,22 +19,25 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ead.config import DEFAULT_MIN_DWELL_TOKENS, DEFAULT_WINDOW_TOKENS, Role, RouterConfig
+from ead.config import DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, Role
 from ead.errors import ConfigError
 from ead.eval.control import RandomRouter, problem_seed
 from ead.eval.datasets import Dataset, Problem
 from ead.eval.grading import grade, grader_info
 from ead.metrics import GenerateResult
-from ead.router import Router, RoutingPolicy
+from ead.router import RoutingPolicy
+from ead.routing import BudgetConfig, BudgetRouter, RoutingConfig, make_router
 from ead.sampling import SamplingParams
 
 # The instruction most MATH/GSM8K evaluations of instruction-tuned models use (Qwen2.5-Math's wording).
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-MODES = ("small", "large", "ead", "random", "speculative", "hybrid")
+MODES = ("small", "large", "ead", "budget", "random", "speculative", "hybrid")
+# Modes whose router reads a routing signal (ead.routing): they take --signal and --tau-down.
+ROUTED_MODES = ("ead", "budget", "hybrid")
 # The engine mode each run mode needs: speculation changes how the engine steps, routing does not.
 ENGINE_MODES = {"speculative": "speculative", "hybrid": "hybrid"}
 MANIFEST, RESULTS = "manifest.json", "results.jsonl"
@@ -44,10 +47,13 @@ MANIFEST, RESULTS = "manifest.json", "results.jsonl"
 class RunSpec:
     """Everything that decides a run's outputs. A run directory resumes only under an equal spec.
 
-    `tau` is used by modes "ead" and "hybrid"; `large_share` (F) by "random", whose segments are `d_min` tokens
-    long. "speculative" is the large model's text through speculative decoding (the engine's defaults, 4
-    drafted tokens a pass): its accuracy must equal "large"'s, which `ead sweep` checks.
-    `small`/`large` None mean the default pair; `device`/`dtype` None the automatic choice.
+    Modes "ead" and "hybrid" route on `signal` (ead.routing.SIGNALS) at threshold `tau`, with hysteresis down to
+    `tau_down` (None: the paper's rule). "budget" is EAD whose threshold a controller steers so that the large
+    model writes `large_share` of each sequence's tokens (ead.routing.BudgetRouter), starting from `tau`.
+    "random" gives d_min-token segments to the large model with probability `large_share`. "speculative" is the
+    large model's text through speculative decoding (the engine's defaults, 4 drafted tokens a pass): its
+    accuracy must equal "large"'s, which `ead sweep` checks. `small`/`large` None mean the default pair;
+    `device`/`dtype` None the automatic choice.
     """
 
     dataset: str
@@ -66,37 +72,52 @@ class RunSpec:
     device: str | None = None
     dtype: str | None = None
     instruction: str = INSTRUCTION
+    # Added after the first runs were made: a manifest without these keys holds their defaults (check_resumable).
+    signal: str = "entropy"
+    tau_down: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode in ("ead", "hybrid") and self.tau is None:
             raise ConfigError(f"mode {self.mode!r} needs a threshold: pass --tau, e.g. --tau 0.5")
+        if self.mode == "budget" and self.tau is None:  # the controller's start; a calibrated tau is a better one
+            object.__setattr__(self, "tau", DEFAULT_THRESHOLD_BITS)
         if self.mode == "random" and self.large_share is None:
             raise ConfigError("mode 'random' needs the large model's share: pass --large-share F (0..1) or "
                               "--large-share-from EAD_RUN_DIR")
-        self.router_config()  # validates tau, window, d_min
+        if self.mode == "budget" and self.large_share is None:
+            raise ConfigError("mode 'budget' needs the target share of tokens for the large model: pass "
+                              "--large-share F (0..1), e.g. --large-share 0.25")
+        if self.mode not in ROUTED_MODES and (self.signal != "entropy" or self.tau_down is not None):
+            raise ConfigError(f"--signal and --tau-down apply to modes {', '.join(ROUTED_MODES)}; mode "
+                              f"{self.mode!r} reads no signal, so drop them (got signal {self.signal!r}, "
+                              f"tau-down {self.tau_down!r})")
+        if self.tau_down is not None and self.tau_down == self.tau:  # equal thresholds are the paper's rule
+            object.__setattr__(self, "tau_down", None)
+        self.routing_config()  # validates signal, tau, tau-down, window, d_min and the budget target
         if self.mode == "random":
             RandomRouter(self.large_share, 0)  # validates the share
         self.sampling()  # validates temperature, top_p, max_new_tokens
 
-    def router_config(self) -> RouterConfig:
-        if self.mode == "small":
-            return RouterConfig(threshold_bits=math.inf, window_tokens=self.window)
-        if self.mode == "large":
-            return RouterConfig(threshold_bits=-math.inf, window_tokens=self.window, min_dwell_tokens=0,
-                                start=Role.LARGE)
-        if self.mode == "speculative":  # the engine gives every token to the large model; the router only records
-            return RouterConfig(threshold_bits=-math.inf, window_tokens=self.window, min_dwell_tokens=0,
-                                start=Role.LARGE)
-        tau = self.tau if self.mode in ("ead", "hybrid") else math.inf
-        return RouterConfig(threshold_bits=tau, window_tokens=self.window, min_dwell_tokens=self.d_min)
+    def routing_config(self) -> RoutingConfig:
+        """The router settings of every mode but random (whose router is RandomRouter; this only checks its
+        window and d_min)."""
+        if self.mode in ("large", "speculative"):  # speculative: the engine gives every token to the large model
+            return RoutingConfig(threshold=-math.inf, window_tokens=self.window, min_dwell_tokens=0,
+                                 start=Role.LARGE)
+        if self.mode not in ROUTED_MODES:
+            return RoutingConfig(threshold=math.inf, window_tokens=self.window, min_dwell_tokens=self.d_min)
+        budget = BudgetConfig(self.large_share) if self.mode == "budget" else None
+        return RoutingConfig(signal=self.signal, threshold=self.tau, threshold_down=self.tau_down,
+                             window_tokens=self.window, min_dwell_tokens=self.d_min, budget=budget)
 
     def make_router(self, problem_id: str) -> RoutingPolicy:
-        """A fresh router for one problem; the random control's is seeded by --seed and the problem id."""
+        """A fresh router for one problem: ead.routing's SignalRouter, or BudgetRouter in budget mode; the random
+        control's is seeded by --seed and the problem id."""
         if self.mode == "random":
             return RandomRouter(self.large_share, problem_seed(self.seed, problem_id), self.d_min, self.window)
-        return Router(self.router_config())
+        return make_router(self.routing_config())
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed,
@@ -111,13 +132,19 @@ class RunSpec:
         return ENGINE_MODES.get(self.mode, "ead")
 
     def label(self) -> str:
-        if self.mode == "ead":
-            return f"EAD tau={self.tau:g}"
-        if self.mode == "hybrid":
-            return f"hybrid tau={self.tau:g}"
+        """E.g. "EAD tau=0.5", "EAD varentropy tau=0.8", "EAD tau=0.4/0.2 (hysteresis)", "EAD budget 25%"."""
         if self.mode == "speculative":
             return "speculative"
-        return f"random F={self.large_share:.3f}" if self.mode == "random" else f"{self.mode} only"
+        if self.mode == "random":
+            return f"random F={self.large_share:.3f}"
+        if self.mode not in ROUTED_MODES:
+            return f"{self.mode} only"
+        name = ("hybrid" if self.mode == "hybrid" else "EAD") + ("" if self.signal == "entropy" else f" {self.signal}")
+        down = "" if self.tau_down is None else f"/{self.tau_down:g}"
+        if self.mode == "budget":
+            start = f", start tau={self.tau:g}{down}" if down else ""
+            return f"{name} budget {100 * self.large_share:.4g}%{start}"
+        return f"{name} tau={self.tau:g}{down}" + (" (hysteresis)" if down else "")
 
 
 @dataclass
@@ -158,7 +185,10 @@ def open_run(out: Path, spec: RunSpec, dataset: Dataset, limit: int | None = Non
 
 
 def check_resumable(manifest: dict, spec: RunSpec, dataset: Dataset, out: Path) -> None:
-    old, new = manifest.get("config", {}), spec.to_json()
+    """Refuse a spec or dataset other than the manifest's. A key the manifest lacks was added to RunSpec after the
+    run was made, when its behaviour was the new field's default; so the default stands in for it."""
+    defaults = {f.name: f.default for f in fields(RunSpec) if f.default is not MISSING}
+    old, new = defaults | manifest.get("config", {}), spec.to_json()
     diff = [f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if manifest.get("dataset", {}).get("sha256") != dataset.sha256:
         diff.append(f"dataset file sha256 {manifest.get('dataset', {}).get('sha256')} -> {dataset.sha256}")
@@ -234,9 +264,12 @@ def execute_run(state: RunState, engine, models: dict, batch: int = 1, progress:
         bar = _progress_bar(state, progress)
         last = [time.perf_counter()]
 
-        def save(problem: Problem, prompt: str, prompt_tokens: int, result: GenerateResult | None) -> None:
+        def save(problem: Problem, prompt: str, prompt_tokens: int, result: GenerateResult | None,
+                 router: RoutingPolicy | None = None) -> None:
             # wall_seconds: time since the previous row, grading excluded; summed, the run's generation time.
             row = make_row(problem, prompt, prompt_tokens, result, state.dataset.style, time.perf_counter() - last[0])
+            if isinstance(router, BudgetRouter):  # where the controller left the threshold for this problem
+                row["tau_final"] = router.threshold
             f.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
@@ -266,8 +299,9 @@ def _solve(engine, spec: RunSpec, problems: list[Problem], save: Callable) -> No
             save(p, prompt, len(ids), None)
         else:
             todo.append((p, prompt, ids))
-    generate_rows(engine, [ids for _, _, ids in todo], spec.sampling(), [spec.make_router(p.id) for p, _, _ in todo],
-                  on_result=lambda i, result: save(todo[i][0], todo[i][1], len(todo[i][2]), result))
+    routers = [spec.make_router(p.id) for p, _, _ in todo]
+    generate_rows(engine, [ids for _, _, ids in todo], spec.sampling(), routers,
+                  on_result=lambda i, result: save(todo[i][0], todo[i][1], len(todo[i][2]), result, routers[i]))
 
 
 def make_row(problem: Problem, prompt: str, prompt_tokens: int, result: GenerateResult | None, style: str,

@@ -13,8 +13,15 @@ import pytest
 
 import ead.engine
 import ead.eval.cli
-from ead.cli import main
+import ead.eval.runs
+from ead.cli import build_parser, main
+from ead.errors import ConfigError
+from ead.eval.cli import control_sources, sweep_plan
+from ead.eval.datasets import load_dataset
 from ead.eval.grading import grade
+from ead.routing import BudgetRouter, SignalRouter
+
+from conftest import DATA
 
 LIMIT, TOKENS = 8, 24
 
@@ -243,3 +250,184 @@ def test_eval_takes_tau_from_a_calibration_file_and_refuses_another_pairs(models
     capsys.readouterr()
     code = main(eval_args(models, tmp_path / "no", "--limit", "1", "--calibration", str(tmp_path / "llama.json")))
     assert code == 2 and "ConfigError" in capsys.readouterr().err
+
+
+# ---- routing signals, hysteresis, budget mode and calibration files ----
+
+@pytest.fixture
+def routers_seen(monkeypatch):
+    """The routers each run hands the engine, as they are before the first token."""
+    seen = []
+    real = ead.eval.runs.generate_rows
+
+    def spy(engine, prompts, sampling, routers, on_result=None):
+        seen.extend((type(r), r.cfg.signal, r.threshold_up, r.threshold_down, getattr(r, "target", None))
+                    for r in routers)
+        return real(engine, prompts, sampling, routers, on_result)
+
+    monkeypatch.setattr(ead.eval.runs, "generate_rows", spy)
+    return seen
+
+
+@pytest.mark.parametrize("extra,router,label", [
+    (["--tau", "0.5"], (SignalRouter, "entropy", 0.5, 0.5, None), "EAD tau=0.5"),
+    (["--signal", "varentropy", "--tau", "0.8"], (SignalRouter, "varentropy", 0.8, 0.8, None),
+     "EAD varentropy tau=0.8"),
+    (["--signal", "top1", "--tau", "0.4", "--tau-down", "0.2"], (SignalRouter, "top1", 0.4, 0.2, None),
+     "EAD top1 tau=0.4/0.2 (hysteresis)"),
+    (["--signal", "margin", "--tau", "0.9"], (SignalRouter, "margin", 0.9, 0.9, None), "EAD margin tau=0.9"),
+    (["--mode", "budget", "--large-share", "0.25"], (BudgetRouter, "entropy", 0.5, 0.5, 0.25), "EAD budget 25%"),
+    (["--mode", "budget", "--signal", "top1", "--tau", "0.3", "--large-share", "0.1"],
+     (BudgetRouter, "top1", 0.3, 0.3, 0.1), "EAD top1 budget 10%"),
+])
+def test_eval_routes_on_each_signal_and_budget(models, tmp_path, routers_seen, capsys, extra, router, label):
+    out = tmp_path / "run"
+    assert main(eval_args(models, out, "--limit", "2", "--max-new-tokens", "12", *extra)) == 0
+    assert len(routers_seen) == 2
+    for kind, name, up, down, target in routers_seen:
+        assert (kind, name, target) == router[:2] + router[4:]
+        assert (up, down) == pytest.approx(router[2:4])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["label"] == label and manifest["config"]["signal"] == router[1]
+    assert label in capsys.readouterr().out
+    for r in rows_of(out):
+        n = r["tokens_small"] + r["tokens_large"]
+        assert r["large_share"] == r["tokens_large"] / n
+        assert ("tau_final" in r) == (router[0] is BudgetRouter)  # where the controller left tau
+
+
+@pytest.fixture(scope="module")
+def calibrations(tiny_pairs, tmp_path_factory):
+    """`ead calibrate` files for the qwen2 tiny pair: varentropy at a 0.3 share and entropy at 0.2."""
+    root = tmp_path_factory.mktemp("cal")
+    prompts = root / "prompts.txt"
+    prompts.write_text("Tom has 3 apples and buys 5 more.\n")
+    small, large = tiny_pairs["qwen2"]
+    assert main(["calibrate", "--small", small, "--large", large, "--device", "cpu", "--large-share", "0.2,0.3",
+                 "--signal", "varentropy,entropy", "--data", str(prompts), "--limit", "1", "--max-new-tokens", "8",
+                 "--out-dir", str(root)]) == 0
+    return {"varentropy": root / "varentropy-f0.3.json", "entropy": root / "entropy-f0.2.json"}
+
+
+def test_a_calibration_file_sets_the_runs_signal_and_tau(models, calibrations, tmp_path, routers_seen, capsys):
+    cal = json.loads(calibrations["varentropy"].read_text())
+    out = tmp_path / "run"
+    assert main(eval_args(models, out, "--limit", "1", "--calibration", str(calibrations["varentropy"]))) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["config"]["signal"], manifest["config"]["tau"]) == ("varentropy", cal["tau"])
+    assert manifest["calibration"]["target_large_share"] == 0.3
+    assert routers_seen[0][:3] == (SignalRouter, "varentropy", cal["tau"])
+    assert "(calibrated for 30%)" in capsys.readouterr().out
+    # An explicit --signal that agrees is fine (and resumes the same run); budget mode starts from the file's tau.
+    assert main(eval_args(models, out, "--limit", "1", "--signal", "varentropy", "--calibration",
+                          str(calibrations["varentropy"]))) == 0
+    assert main(eval_args(models, tmp_path / "budget", "--limit", "1", "--mode", "budget", "--large-share", "0.3",
+                          "--calibration", str(calibrations["varentropy"]))) == 0
+    assert routers_seen[-1] == (BudgetRouter, "varentropy", cal["tau"], cal["tau"], 0.3)
+
+
+def test_a_calibration_for_another_signal_or_window_is_refused_before_loading(models, calibrations, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.setattr(ead.eval.cli, "load", lambda args: pytest.fail("a refused run loaded the models"))
+    parser = build_parser()
+    args = parser.parse_args(eval_args(models, tmp_path / "x", "--signal", "top1", "--calibration",
+                                       str(calibrations["varentropy"])))
+    with pytest.raises(ConfigError, match="holds a tau for signal 'varentropy', but --signal top1 was given; drop "
+                                          "--signal .* or make a top1 calibration with `ead calibrate --signal top1"):
+        args.handler(args)
+    args = parser.parse_args(eval_args(models, tmp_path / "x", "--window", "3", "--calibration",
+                                       str(calibrations["varentropy"])))
+    with pytest.raises(ConfigError, match="calibrated with --window 5, but this run has --window 3; pass --window 5"):
+        args.handler(args)
+    assert main(eval_args(models, tmp_path / "x", "--mode", "random", "--large-share", "0.2", "--calibration",
+                          str(calibrations["varentropy"]))) == 2
+    assert "does not use; pass --mode ead, budget, hybrid" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_signal_flags_on_a_mode_without_routing_are_refused(models, tmp_path, capsys):
+    assert main(eval_args(models, tmp_path / "x", "--mode", "small", "--signal", "top1")) == 2
+    assert "--signal and --tau-down apply to modes ead, budget, hybrid" in capsys.readouterr().err
+
+
+def fake_calibration(path, signal, share, tau=0.5, window=5):
+    path.write_text(json.dumps({"tau": tau, "target_large_share": share, "pair": {}, "settings": {
+        "signal": signal, "window_tokens": window, "min_dwell_tokens": 10, "start": "small"}}))
+    return str(path)
+
+
+def test_sweep_plan_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("EAD_DATA_DIR", str(DATA))
+    top1 = fake_calibration(tmp_path / "a.json", "top1", 0.25, tau=0.3)
+    entropy = fake_calibration(tmp_path / "b.json", "entropy", 0.1, tau=1.5)
+    argv = ["sweep", "--dataset", "gsm8k", "--out", str(tmp_path / "s"), "--signal", "varentropy", "--taus", "0.8,1.2",
+            "--budget-shares", "0.1,0.25", "--calibrations", f"{top1},{entropy}", "--hybrid-taus", "0.8"]
+    args = build_parser().parse_args(argv)
+    dataset = load_dataset("gsm8k", DATA)
+    plan, notes, checks = sweep_plan(args, dataset)
+    assert [(n, s.mode, s.signal, s.tau, s.large_share) for n, s in plan] == [
+        ("small", "small", "entropy", None, None), ("large", "large", "entropy", None, None),
+        ("ead-varentropy-tau0.8", "ead", "varentropy", 0.8, None),
+        ("ead-varentropy-tau1.2", "ead", "varentropy", 1.2, None),
+        ("budget-varentropy-f0.1", "budget", "varentropy", 0.5, 0.1),
+        ("budget-varentropy-f0.25", "budget", "varentropy", 0.5, 0.25),
+        ("calib-top1-f0.25", "ead", "top1", 0.3, None), ("calib-entropy-f0.1", "ead", "entropy", 1.5, None),
+        ("hybrid-varentropy-tau0.8", "hybrid", "varentropy", 0.8, None)]
+    assert notes["calib-top1-f0.25"]["calibration"]["path"] == top1 and [c[0] for c in checks] == [top1, entropy]
+    assert control_sources(args, plan) == []
+    pick = build_parser().parse_args(argv + ["--random-shares-from-ead"])
+    assert control_sources(pick, plan) == ["ead-varentropy-tau0.8", "ead-varentropy-tau1.2", "budget-varentropy-f0.1",
+                                           "budget-varentropy-f0.25", "calib-top1-f0.25", "calib-entropy-f0.1"]
+    pick = build_parser().parse_args(argv + ["--random-taus", "1.2", "--random-from",
+                                             "calib-top1-f0.25,hybrid-varentropy-tau0.8"])
+    assert control_sources(pick, plan) == ["ead-varentropy-tau1.2", "calib-top1-f0.25", "hybrid-varentropy-tau0.8"]
+    # The entropy names are the ones older sweeps used, so those directories resume.
+    old = build_parser().parse_args(["sweep", "--dataset", "gsm8k", "--out", "x", "--taus", "0.5", "--budget-shares",
+                                     "0.25"])
+    assert [n for n, _ in sweep_plan(old, dataset)[0]] == ["small", "large", "ead-tau0.5", "budget-f0.25"]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--calibrations", "A,A"], "both top1 calibrations for a 0.25 share, so both runs would be calib-top1-f0.25"),
+    (["--taus", "0.5", "--random-from", "ead-tau0.7"],
+     "--random-from \\['ead-tau0.7'\\]: no such EAD run in this sweep; choose among ead-tau0.5"),
+    (["--taus", "0.5", "--random-taus", "0.7"], "--random-taus \\[0.7\\] are not among --taus"),
+    (["--taus", "0.5,0.5"], "would run ead-tau0.5 twice"),
+    (["--calibrations", "W"], "calibrated with --window 3, but this run has --window 5"),
+])
+def test_bad_sweep_plans(tmp_path, monkeypatch, extra, match):
+    monkeypatch.setenv("EAD_DATA_DIR", str(DATA))
+    a = fake_calibration(tmp_path / "a.json", "top1", 0.25)
+    w = fake_calibration(tmp_path / "w.json", "top1", 0.25, window=3)
+    extra = [x.replace("A", a).replace("W", w) if x.startswith(("A", "W")) else x for x in extra]
+    args = build_parser().parse_args(["sweep", "--dataset", "gsm8k", "--out", str(tmp_path / "s"), *extra])
+    with pytest.raises(ConfigError, match=match):
+        args.handler(args)
+
+
+def test_sweep_over_signals_budget_and_calibrations(models, calibrations, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--dataset", "gsm8k", "--signal", "top1", "--taus", "0.5", "--budget-shares", "0.25",
+            "--calibrations", f"{calibrations['varentropy']},{calibrations['entropy']}", "--random-shares-from-ead",
+            "--limit", "2", "--max-new-tokens", "12", "--no-progress", *models, "--out", str(out)]
+    assert main(argv) == 0
+    names = ["small", "large", "ead-top1-tau0.5", "budget-top1-f0.25", "calib-varentropy-f0.3", "calib-entropy-f0.2",
+             "random-top1-tau0.5", "random-budget-top1-f0.25", "random-calib-varentropy-f0.3",
+             "random-calib-entropy-f0.2"]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["runs"] == names and summary["budget_shares"] == [0.25] and summary["signal"] == "top1"
+    assert all(len(rows_of(out / n)) == 2 for n in names)
+    for source in names[2:6]:
+        control = json.loads((out / f"random-{source.removeprefix('ead-')}" / "manifest.json").read_text())
+        rows = rows_of(out / source)
+        f = sum(r["tokens_large"] for r in rows) / sum(r["tokens_large"] + r["tokens_small"] for r in rows)
+        assert control["control_of"] == source and control["config"]["large_share"] == f
+    cal = json.loads((out / "calib-varentropy-f0.3" / "manifest.json").read_text())
+    assert cal["config"]["signal"] == "varentropy" and cal["calibration"]["path"] == str(calibrations["varentropy"])
+
+    monkeypatch.setattr(ead.eval.cli, "load", lambda args: pytest.fail("a finished sweep loaded the models"))
+    assert main(argv) == 0 and capsys.readouterr().err.count("nothing to run") == len(names)
+    assert main(["report", str(out)]) == 0
+    points = json.loads((out / "pareto.json").read_text())["points"]
+    assert {p["signal"] for p in points} == {None, "entropy", "varentropy", "top1"}
+    assert "EAD top1 budget 25%" in (out / "report.md").read_text()

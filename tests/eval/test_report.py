@@ -2,6 +2,7 @@
 MATH breakdown, and a Pareto plot whose points (sidecar JSON and the figure's own artists) match the rows."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,12 +51,16 @@ def test_table_by_hand(sweep, capsys):
     assert main(["report", str(sweep)]) == 0
     md = (sweep / "report.md").read_text()
     # cost reduction 1 - ((1-f) Ps + f Pl) / Pl: f=0.3 -> 1 - (0.7 + 4.2)/14 = 65%; f=0.1 -> 1 - 2.3/14 = 83.6%
+    # Manifests without a "signal" key (runs made before the signals) are entropy runs. Every problem of a run
+    # has the same share here, so the per-problem spread is 0.
     expected = [
-        "| small only | 50.0% (2/4) | 66.7% | 0.0% | 92.9% | 4.00x | 1/4 |",
-        "| large only | 75.0% (3/4) | 100.0% | 100.0% | 0.0% | 1.00x | 0/4 |",
-        "| EAD tau=0.5 | 50.0% (2/4) | 66.7% | 30.0% | 65.0% | 2.00x | 0/4 |",
-        "| EAD tau=1 | 50.0% (2/4) | 66.7% | 10.0% | 83.6% | 4.00x | 0/4 |",
-        "| random F=0.300 | 50.0% (2/4) | 66.7% | 30.0% | 65.0% | 1.60x | 0/4 |",
+        "| small only | – | 50.0% (2/4) | 66.7% | 0.0% | – | – | 92.9% | 4.00x | 1/4 |",
+        "| large only | – | 75.0% (3/4) | 100.0% | 100.0% | – | – | 0.0% | 1.00x | 0/4 |",
+        ("| EAD tau=0.5 | entropy | 50.0% (2/4) | 66.7% | 30.0% | – | 30.0% ± 0.0 [30.0, 30.0] | 65.0% | 2.00x "
+         "| 0/4 |"),
+        "| EAD tau=1 | entropy | 50.0% (2/4) | 66.7% | 10.0% | – | 10.0% ± 0.0 [10.0, 10.0] | 83.6% | 4.00x | 0/4 |",
+        ("| random F=0.300 | – | 50.0% (2/4) | 66.7% | 30.0% | 30.0% | 30.0% ± 0.0 [30.0, 30.0] | 65.0% | 1.60x "
+         "| 0/4 |"),
     ]
     table = [line for line in md.splitlines() if line.startswith("| ") and "(" in line and "/4)" in line]
     assert table == expected
@@ -86,8 +91,8 @@ def test_pareto_points_match_the_rows(sweep, capsys):
     # The figure's artists hold exactly these points, in percent; EAD colours are the taus.
     ax = pareto_figure(points, "t").axes[0]
     scatters = {c.get_gid(): c for c in ax.collections}
-    np.testing.assert_allclose(scatters["ead"].get_offsets(), [[10, 50], [30, 50]])
-    np.testing.assert_allclose(scatters["ead"].get_array(), [1.0, 0.5])
+    np.testing.assert_allclose(scatters["ead-entropy"].get_offsets(), [[10, 50], [30, 50]])
+    assert [t.get_text() for t in ax.texts] == ["1", "0.5"]  # each EAD point labelled with its tau
     np.testing.assert_allclose(scatters["small"].get_offsets(), [[0, 50]])
     np.testing.assert_allclose(scatters["large"].get_offsets(), [[100, 75]])
     [random_line] = [line for line in ax.lines if line.get_gid() == "random"]
@@ -102,7 +107,8 @@ def test_partial_runs_compare_on_shared_problems(tmp_path, capsys):
     runs = load_runs([tmp_path / "large", ead])
     assert [r.label for r in runs] == ["large only", "EAD tau=0.5"]
     assert main(["report", str(tmp_path / "large"), str(ead), "--out", str(tmp_path / "r")]) == 0
-    assert "| EAD tau=0.5 | 100.0% (2/2) | 100.0% | 30.0% | 65.0% | 2.00x | 0/2 |" in capsys.readouterr().out
+    assert ("| EAD tau=0.5 | entropy | 100.0% (2/2) | 100.0% | 30.0% | – | 30.0% ± 0.0 [30.0, 30.0] | 65.0% | 2.00x "
+            "| 0/2 |") in capsys.readouterr().out
 
 
 def test_bad_report_arguments(tmp_path, sweep, capsys):
@@ -110,3 +116,95 @@ def test_bad_report_arguments(tmp_path, sweep, capsys):
     assert "holds no manifest.json" in capsys.readouterr().err
     assert main(["report", str(sweep / "small"), str(sweep / "large")]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+# Several signals, a budget run, a calibrated run and a control, with shares that differ between problems.
+# name -> (config, manifest extras, label, correct per problem, (small, large) tokens per problem)
+SIGNAL_RUNS = {
+    "large": ({"mode": "large"}, {}, "large only", [1, 1, 1, 0], [(0, 100)] * 4),
+    "ead-tau0.5": ({"mode": "ead", "tau": 0.5}, {}, "EAD tau=0.5", [1, 0, 1, 0], [(70, 30)] * 4),
+    "ead-varentropy-tau2": ({"mode": "ead", "tau": 2.0, "signal": "varentropy"}, {}, "EAD varentropy tau=2",
+                            [1, 1, 0, 0], [(80, 20), (60, 40), (90, 10), (70, 30)]),
+    "ead-top1-tau0.2": ({"mode": "ead", "tau": 0.2, "signal": "top1"}, {}, "EAD top1 tau=0.2", [1, 1, 1, 0],
+                        [(60, 40)] * 4),
+    "calib-top1-f0.25": ({"mode": "ead", "tau": 0.3, "signal": "top1"},
+                         {"calibration": {"path": "top1.json", "signal": "top1", "tau": 0.3,
+                                          "target_large_share": 0.25}},
+                         "EAD top1 tau=0.3", [0, 1, 1, 0], [(80, 20)] * 4),
+    "budget-f0.25": ({"mode": "budget", "tau": 0.5, "large_share": 0.25}, {}, "EAD budget 25%", [1, 1, 0, 1],
+                     [(75, 25), (76, 24), (74, 26), (75, 25)]),
+    "random-budget-f0.25": ({"mode": "random", "large_share": 0.25}, {"control_of": "budget-f0.25"}, "random F=0.250",
+                            [0, 1, 0, 0], [(75, 25)] * 4),
+}
+
+
+@pytest.fixture
+def signal_sweep(tmp_path):
+    root = tmp_path / "signals"
+    for name, (config, extras, label, correct, tokens) in SIGNAL_RUNS.items():
+        d = root / name
+        d.mkdir(parents=True)
+        manifest = {"config": {"max_new_tokens": 1024, "large_share": None, **config}, "label": label,
+                    "dataset": {"name": "gsm8k", "sha256": "cd" * 32}, "models": {
+                        "small": {"source": "s", "params": P_SMALL}, "large": {"source": "l", "params": P_LARGE}},
+                    "grader": {"name": "math-verify", "version": "0.9.0"}, **extras}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        rows = [{"id": f"p{i}", "correct": bool(c), "tokens_small": ts, "tokens_large": tl, "seconds": 1.0,
+                 "finish_reason": "stop"} for i, (c, (ts, tl)) in enumerate(zip(correct, tokens))]
+        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_signals_budget_and_calibrated_runs_in_the_table(signal_sweep, capsys):
+    assert main(["report", str(signal_sweep)]) == 0
+    md = (signal_sweep / "report.md").read_text()
+    # varentropy: per-problem shares 0.2, 0.4, 0.1, 0.3: mean 0.25, sd sqrt((.05² + .15² + .15² + .05²) / 4) = 11.2
+    # points; p10 and p90 interpolate the sorted shares at (n - 1) p = 0.3 and 2.7: 0.13 and 0.37.
+    # budget: 0.25, 0.24, 0.26, 0.25: sd sqrt(2e-4 / 4) = 0.7 points, p10 0.24 + 0.3 * 0.01, p90 0.25 + 0.7 * 0.01.
+    expected = [
+        "| large only | – | 75.0% (3/4) | 100.0% | 100.0% | – | – | 0.0% | 1.00x | 0/4 |",
+        ("| EAD tau=0.5 | entropy | 50.0% (2/4) | 66.7% | 30.0% | – | 30.0% ± 0.0 [30.0, 30.0] | 65.0% | 1.00x "
+         "| 0/4 |"),
+        ("| EAD varentropy tau=2 | varentropy | 50.0% (2/4) | 66.7% | 25.0% | – | 25.0% ± 11.2 [13.0, 37.0] | 69.6% "
+         "| 1.00x | 0/4 |"),
+        ("| EAD top1 tau=0.2 | top1 | 75.0% (3/4) | 100.0% | 40.0% | – | 40.0% ± 0.0 [40.0, 40.0] | 55.7% | 1.00x "
+         "| 0/4 |"),
+        ("| EAD top1 tau=0.3 (calibrated for 25%) | top1 | 50.0% (2/4) | 66.7% | 20.0% | 25.0% "
+         "| 20.0% ± 0.0 [20.0, 20.0] | 74.3% | 1.00x | 0/4 |"),
+        ("| EAD budget 25% | entropy | 75.0% (3/4) | 100.0% | 25.0% | 25.0% | 25.0% ± 0.7 [24.3, 25.7] | 69.6% "
+         "| 1.00x | 0/4 |"),
+        ("| random F=0.250 (share of budget-f0.25) | – | 25.0% (1/4) | 33.3% | 25.0% | 25.0% "
+         "| 25.0% ± 0.0 [25.0, 25.0] | 69.6% | 1.00x | 0/4 |"),
+    ]
+    table = [line for line in md.splitlines() if line.startswith("| ") and "/4)" in line]
+    assert table == expected
+    assert "| run | signal | accuracy | % of large acc. | % tokens by large | target share | share per problem" in md
+
+
+def test_pareto_groups_points_by_signal(signal_sweep, capsys):
+    assert main(["report", str(signal_sweep)]) == 0
+    assert (signal_sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = json.loads((signal_sweep / "pareto.json").read_text())["points"]
+    assert len(points) == len(SIGNAL_RUNS)
+    for p in points:  # each point is its run's JSONL, recounted here
+        rows = [json.loads(line) for line in Path(p["path"], "results.jsonl").read_text().splitlines()]
+        large = sum(r["tokens_large"] for r in rows)
+        assert p["large_share"] == pytest.approx(large / sum(r["tokens_small"] + r["tokens_large"] for r in rows))
+        assert p["accuracy"] == sum(r["correct"] for r in rows) / len(rows) and p["n"] == len(rows)
+    got = {p["run"]: (p["mode"], p["signal"], p["tau"], p["target_share"]) for p in points}
+    assert got["EAD budget 25%"] == ("budget", "entropy", 0.5, 0.25)
+    assert got["EAD top1 tau=0.3 (calibrated for 25%)"] == ("ead", "top1", 0.3, 0.25)
+    assert got["large only"] == ("large", None, None, None)
+
+    ax = pareto_figure(points, "t").axes[0]
+    scatters = {c.get_gid(): c for c in ax.collections}
+    assert set(scatters) == {"ead-entropy", "ead-varentropy", "ead-top1", "budget-entropy", "large"}
+    np.testing.assert_allclose(scatters["ead-entropy"].get_offsets(), [[30, 50]])
+    np.testing.assert_allclose(scatters["ead-varentropy"].get_offsets(), [[25, 50]])
+    np.testing.assert_allclose(scatters["ead-top1"].get_offsets(), [[20, 50], [40, 75]])  # in order of share
+    np.testing.assert_allclose(scatters["budget-entropy"].get_offsets(), [[25, 75]])
+    assert len(scatters["budget-entropy"].get_facecolors()) == 0  # hollow: a budget run
+    assert scatters["ead-top1"].get_facecolors()[0].tolist() != scatters["ead-entropy"].get_facecolors()[0].tolist()
+    [random_line] = [line for line in ax.lines if line.get_gid() == "random"]
+    np.testing.assert_allclose(np.column_stack(random_line.get_data()), [[25, 25]])
+    assert "budget 25%" in [t.get_text() for t in ax.texts]

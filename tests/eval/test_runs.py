@@ -16,7 +16,7 @@ from ead.eval.datasets import load_dataset
 from ead.eval.runs import RunSpec, execute_run, generate_rows, open_run, overall_large_share, read_rows
 from ead.metrics import GenerateResult, StepRecord, Trace, summarize
 from ead.pair import load_pair
-from ead.router import Router
+from ead.routing import BudgetRouter, SignalRouter
 from ead.sampling import SamplingParams
 
 
@@ -98,21 +98,80 @@ def _roles(router, n):
 
 
 def test_spec_routers():
-    assert RunSpec(dataset="d", mode="small").router_config().threshold_bits == math.inf
-    large = RunSpec(dataset="d", mode="large").router_config()
-    assert (large.threshold_bits, large.min_dwell_tokens, large.start) == (-math.inf, 0, Role.LARGE)
-    ead = RunSpec(dataset="d", mode="ead", tau=0.25)
-    assert isinstance(ead.make_router("x"), Router) and ead.router_config().threshold_bits == 0.25
+    small = RunSpec(dataset="d", mode="small").make_router("x")
+    assert isinstance(small, SignalRouter) and small.threshold_up == math.inf and small.active is Role.SMALL
+    large = RunSpec(dataset="d", mode="large").routing_config()
+    assert (large.threshold, large.min_dwell_tokens, large.start) == (-math.inf, 0, Role.LARGE)
+    ead = RunSpec(dataset="d", mode="ead", tau=0.25).make_router("x")
+    assert type(ead) is SignalRouter
+    assert (ead.cfg.signal, ead.threshold_up, ead.threshold_down) == ("entropy", 0.25, 0.25)
     assert isinstance(RunSpec(dataset="d", mode="random", large_share=0.2).make_router("x"), RandomRouter)
     assert RunSpec(dataset="d", mode="ead", tau=math.inf).to_json()["tau"] == "inf"
+
+
+@pytest.mark.parametrize("signal,tau,tau_down", [("entropy", 0.4, 0.2), ("varentropy", 2.0, None), ("top1", 0.3, 0.1),
+                                                 ("margin", 0.6, None)])
+def test_each_signal_routes_at_its_thresholds(signal, tau, tau_down):
+    for mode in ("ead", "hybrid"):
+        router = RunSpec(dataset="d", mode=mode, tau=tau, tau_down=tau_down, signal=signal, d_min=3).make_router("x")
+        assert type(router) is SignalRouter and router.cfg.signal == signal and router.cfg.min_dwell_tokens == 3
+        assert (router.threshold_up, router.threshold_down) == (tau, tau if tau_down is None else tau_down)
+    budget = RunSpec(dataset="d", mode="budget", large_share=0.25, tau=tau, signal=signal).make_router("x")
+    assert type(budget) is BudgetRouter and budget.cfg.signal == signal
+    assert (budget.target, budget.threshold) == (0.25, pytest.approx(tau))
+
+
+def test_hysteresis_routes_as_the_rule_says():
+    # window 1, dwell 0, up 0.4, down 0.2: 0.5 hands over to large, 0.3 keeps it large, 0.1 hands back.
+    router = RunSpec(dataset="d", mode="ead", tau=0.4, tau_down=0.2, window=1, d_min=0).make_router("x")
+    assert [router.observe(h) for h in (0.5, 0.3, 0.3, 0.1, 0.3)] == [Role.LARGE, Role.LARGE, Role.LARGE, Role.SMALL,
+                                                                       Role.SMALL]
+
+
+def test_labels():
+    def label(**kw):
+        return RunSpec(dataset="d", **kw).label()
+
+    assert label(mode="ead", tau=0.5) == "EAD tau=0.5"
+    assert label(mode="ead", tau=0.8, signal="varentropy") == "EAD varentropy tau=0.8"
+    assert label(mode="ead", tau=0.4, tau_down=0.2) == "EAD tau=0.4/0.2 (hysteresis)"
+    assert label(mode="ead", tau=0.4, tau_down=0.4) == "EAD tau=0.4"  # equal thresholds are the paper's rule
+    assert label(mode="budget", large_share=0.25) == "EAD budget 25%"
+    assert label(mode="budget", large_share=0.1, signal="top1") == "EAD top1 budget 10%"
+    assert label(mode="hybrid", tau=0.3, signal="margin") == "hybrid margin tau=0.3"
+    assert label(mode="random", large_share=0.25) == "random F=0.250"
+
+
+def test_budget_rows_carry_their_realised_share(tmp_path, synthetic):
+    """On a constant 1-bit stream a static tau of 0.5 hands every token after the first d_min to the large model;
+    the budget controller holds each 200-token answer near its 25% target and records where tau ended."""
+    dataset, outputs = synthetic
+    outputs = {q: " ".join(["w"] * 200) for q in outputs}
+    static = execute_run(open_run(tmp_path / "ead", RunSpec(dataset=dataset.name, mode="ead", tau=0.5), dataset),
+                         ScriptedEngine(outputs), {}, progress=False)
+    assert all(r["tokens_large"] == 190 for r in static) and all("tau_final" not in r for r in static)
+    spec = RunSpec(dataset=dataset.name, mode="budget", large_share=0.25, tau=0.5)
+    rows = execute_run(open_run(tmp_path / "budget", spec, dataset), ScriptedEngine(outputs), {}, progress=False)
+    for r in rows:
+        assert r["tokens_small"] + r["tokens_large"] == 200 and r["large_share"] == r["tokens_large"] / 200
+        assert abs(r["large_share"] - 0.25) < 0.1 and 0.001 <= r["tau_final"] <= 20
+    manifest = json.loads((tmp_path / "budget" / "manifest.json").read_text())
+    assert manifest["label"] == "EAD budget 25%" and manifest["config"]["large_share"] == 0.25
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"mode": "fast"}, "mode must be one of"),
     ({"mode": "ead"}, "needs a threshold"),
     ({"mode": "random"}, "needs the large model's share"),
+    ({"mode": "budget"}, "needs the target share"),
     ({"mode": "random", "large_share": 1.2}, "large share must be in"),
-    ({"mode": "ead", "tau": -1.0}, "tau must be >= 0"),
+    ({"mode": "budget", "large_share": 1.2}, "target large share must be a fraction"),
+    ({"mode": "ead", "tau": -1.0}, "tau for signal 'entropy' must be >= 0"),
+    ({"mode": "ead", "tau": 1.5, "signal": "top1"}, "tau for signal 'top1' must be in \\[0, 1\\]"),
+    ({"mode": "ead", "tau": 0.5, "signal": "loudness"}, "unknown routing signal 'loudness'"),
+    ({"mode": "ead", "tau": 0.5, "tau_down": 0.7}, "tau-down \\(0.7\\) must be <= tau"),
+    ({"mode": "small", "signal": "top1"}, "apply to modes ead, budget, hybrid"),
+    ({"mode": "random", "large_share": 0.2, "tau_down": 0.1}, "apply to modes ead, budget, hybrid"),
     ({"mode": "small", "max_new_tokens": 0}, "max_new_tokens"),
 ])
 def test_bad_specs(kwargs, match):
@@ -128,6 +187,25 @@ def test_resume_refuses_other_settings(tmp_path, synthetic):
         open_run(tmp_path, RunSpec(dataset=dataset.name, mode="small", max_new_tokens=99), dataset)
     state = open_run(tmp_path, RunSpec(dataset=dataset.name, mode="small"), dataset)  # a larger limit goes on
     assert [p.id for p in state.pending] == ["line-3", "line-4", "line-5"]
+
+
+def test_a_manifest_older_than_the_signals_still_resumes(tmp_path, synthetic):
+    """Runs made before RunSpec had `signal` and `tau_down` have manifests without them (as those in
+    evaluation/*.tgz): the defaults stand in, so the same settings resume and another signal is refused."""
+    dataset, outputs = synthetic
+    spec = RunSpec(dataset=dataset.name, mode="ead", tau=0.5)
+    execute_run(open_run(tmp_path, spec, dataset, limit=2), ScriptedEngine(outputs), {}, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["config"]["signal"], manifest["config"]["tau_down"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    state = open_run(tmp_path, spec, dataset)
+    assert [p.id for p in state.pending] == ["line-3", "line-4", "line-5"]
+    rows = execute_run(state, ScriptedEngine(outputs), {}, progress=False)
+    assert sorted(r["id"] for r in rows) == [f"line-{i}" for i in range(1, 6)]
+    with pytest.raises(ConfigError, match="signal='entropy' -> 'top1'"):
+        open_run(tmp_path, RunSpec(dataset=dataset.name, mode="ead", tau=0.5, signal="top1"), dataset)
+    with pytest.raises(ConfigError, match="tau_down=None -> 0.25"):
+        open_run(tmp_path, RunSpec(dataset=dataset.name, mode="ead", tau=0.5, tau_down=0.25), dataset)
 
 
 def test_read_rows_drops_a_cut_line(tmp_path):
@@ -162,8 +240,8 @@ def test_generate_rows_reports_each_batched_result_once_as_it_finishes(tiny_pair
     sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
     alone = [Engine(pair).generate(p, sampling).token_ids for p in prompts]
     seen = []
-    batched = generate_rows(engine, prompts, sampling, [Router(RunSpec(dataset="d", mode="ead", tau=0.5)
-                                                               .router_config()) for _ in prompts],
+    batched = generate_rows(engine, prompts, sampling, [RunSpec(dataset="d", mode="ead", tau=0.5).make_router(str(i))
+                                                        for i in range(len(prompts))],
                             on_result=lambda i, r: seen.append((i, r.token_ids, engine.has_work)))
     assert sorted(i for i, _, _ in seen) == [0, 1, 2]
     assert seen[0][2]  # the first result was saved while the third prompt still ran
