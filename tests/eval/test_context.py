@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from ead.eval.cli import PROMPT_ALLOWANCE, eval_context
+from ead.eval.cli import PROMPT_ALLOWANCE, answer_budget, eval_context
 
 
 def pair_with_limits(small: int, large: int) -> SimpleNamespace:
@@ -29,3 +29,10 @@ def test_the_context_never_exceeds_the_smaller_models_positions():
 def test_a_model_without_a_config_llama_cpp_is_not_limited_by_it():
     pair = SimpleNamespace(small=SimpleNamespace(model=object()), large=SimpleNamespace(model=object()))
     assert eval_context(pair, 4096) == 4096 + PROMPT_ALLOWANCE
+
+
+def test_math_answers_default_to_4096_tokens_and_gsm8k_to_1024():
+    args = SimpleNamespace(max_new_tokens=None)
+    assert answer_budget(args, SimpleNamespace(name="math500")) == 4096
+    assert answer_budget(args, SimpleNamespace(name="gsm8k")) == 1024
+    assert answer_budget(SimpleNamespace(max_new_tokens=300), SimpleNamespace(name="math500")) == 300
