@@ -86,7 +86,7 @@ class HFBatchRunner:
     (tokens the slot's cache holds), `reset(slot)`, and `feed_many(slots, ids) -> (len(slots), V)` float32,
     which appends `ids[i]` (at least one token, counts may differ) to slot `slots[i]` and returns the logits
     after each slot's last new token. Slots not listed are untouched.
-    Speculative decoding (`ead.speculative`) needs two more, which HF and native runners have:
+    Speculative decoding (`ead.speculative`) needs two more, which every backend's runner has:
     `feed_many(..., all_logits=True)` returns a list of (len(ids[i]), V) float32, the logits after every new
     token, and `truncate(slot, n_tokens)` rolls a slot's cache back to its first n tokens.
     """
@@ -126,11 +126,19 @@ class NativeBatchRunner:
     once) runs eagerly, where launches matter less beside its compute. Attention reads a span of slots bucketed to a
     power of two (at least 256) over the longest row, so a short sequence does not pay for the whole
     preallocated context. Host-side bookkeeping (`seen`) means no device sync here.
+    Speculation's verification (`all_logits`) is one gathered pass like a catch-up, returning every position's
+    logits; it too replays a graph per (rows, width, span) bucket (`verify_graphs`, widths up to MAX_VERIFY_WIDTH).
     """
 
     MIN_SPAN = 256
     MAX_GRAPH_WIDTH = 256
     MAX_GRAPH_TOKENS = 1024
+    # Speculative verification (every position's logits) replays a graph for one token and a draft of up to 15
+    # per row, at most MAX_VERIFY_TOKENS padded tokens: the float32 buffer the verification graphs share holds
+    # that many rows of logits (311 MB for Qwen2.5's vocabulary). Wider passes (a prompt, a hybrid catch-up)
+    # run eagerly.
+    MAX_VERIFY_WIDTH = 16
+    MAX_VERIFY_TOKENS = 512
 
     def __init__(self, model: Transformer, vocab_size: int, max_seq_tokens: int | None = None,
                  cuda_graphs: bool = True, max_batch: int = 1, fused_kernels: bool = False) -> None:
@@ -145,6 +153,8 @@ class NativeBatchRunner:
         self.seen = [0] * max_batch
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}
+        self.verify_graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (rows, width, span), all logits
+        self.verify_out: Tensor | None = None  # their shared output, allocated with the first of them
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @classmethod
@@ -179,9 +189,15 @@ class NativeBatchRunner:
         widths = [1 << i for i in range(3, self.MAX_GRAPH_WIDTH.bit_length())]
         return {(n, w) for n in rows for w in widths if n * w <= self.MAX_GRAPH_TOKENS}
 
-    def capture_graphs(self, longest: int) -> int:
+    def _verify_buckets(self) -> set[tuple[int, int]]:
+        """(rows, width) buckets whose verification pass (`feed_many(..., all_logits=True)`) runs as a graph."""
+        return {(n, w) for n, w in self._catch_up_buckets()
+                if w <= self.MAX_VERIFY_WIDTH and n * w <= self.MAX_VERIFY_TOKENS}
+
+    def capture_graphs(self, longest: int, verify: bool = False) -> int:
         """Capture now every graph that rows of up to `longest` tokens can need (decode at each batch bucket,
-        catch-up at each graphed bucket, each span up to span(longest)); returns how many exist."""
+        catch-up at each graphed bucket, with `verify` speculative verification at each of its buckets, each span
+        up to span(longest)); returns how many exist."""
         if not self.use_graphs:
             return 0
         spans = sorted({self.span(n) for n in range(self.MIN_SPAN, max(longest, self.MIN_SPAN) + 1, self.MIN_SPAN)}
@@ -192,14 +208,22 @@ class NativeBatchRunner:
                 self._graph(b, 1, span)
             for n, w in sorted(self._catch_up_buckets()):
                 self._graph(n, w, span)
-        return len(self.graphs)
+            for n, w in sorted(self._verify_buckets() if verify else ()):
+                self._graph(n, w, span, all_logits=True)
+        return len(self.graphs) + len(self.verify_graphs)
 
-    def _graph(self, batch: int, width: int, span: int) -> DecodeGraph:
-        key = (batch, width, span)
-        if key not in self.graphs:
-            self.graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool, width, compact=width > 1,
-                                           vocab_size=self.vocab_size)
-        return self.graphs[key]
+    def _graph(self, batch: int, width: int, span: int, all_logits: bool = False) -> DecodeGraph:
+        graphs, key = self.verify_graphs if all_logits else self.graphs, (batch, width, span)
+        if key not in graphs:
+            out = None
+            if all_logits:  # one buffer for every verification graph: only one pass's logits are read at a time
+                if self.verify_out is None:
+                    self.verify_out = torch.empty(self.MAX_VERIFY_TOKENS * self.vocab_size, dtype=torch.float32,
+                                                  device=self.device)
+                out = self.verify_out[: batch * width * self.vocab_size].view(batch, width, self.vocab_size)
+            graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool, width, compact=width > 1,
+                                      vocab_size=self.vocab_size, out=out)
+        return graphs[key]
 
     @torch.inference_mode()
     def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]], all_logits: bool = False,
@@ -210,7 +234,7 @@ class NativeBatchRunner:
         new_lengths = [self.seen[s] + len(t) for s, t in zip(slots, ids, strict=True)]
         self.cache.check_capacity(slots, new_lengths)  # host-side numbers: no device sync
         span = self.span(max(new_lengths))
-        if all_logits:  # verification: every position of every row, one eager pass (graphs for it: later)
+        if all_logits:  # verification: every position of every row in one pass
             logits = self._catch_up(list(slots), list(ids), span, last_only=False)  # (n, T, V)
             return [logits[i, : len(t), : self.vocab_size] for i, t in enumerate(ids)]
         many = [i for i, t in enumerate(ids) if len(t) > 1]
@@ -232,7 +256,8 @@ class NativeBatchRunner:
         """Every token of `ids[i]` into slot `slots[i]`, the rows gathered into one padded pass. Returns the
         logits after each row's last token, (n, V), or with `last_only=False` after every token, (n, T, V)."""
         n, width = len(slots), max(len(t) for t in ids)
-        graphed = last_only and self.use_graphs and _catch_up_bucket(n, width) in self._catch_up_buckets()
+        buckets = self._catch_up_buckets() if last_only else self._verify_buckets()
+        graphed = self.use_graphs and _catch_up_bucket(n, width) in buckets
         batch, width = _catch_up_bucket(n, width) if graphed else (n, width)
         # One host-to-device copy: token ids and positions (batch * width each), valid lengths, cache rows;
         # pad rows are idle (valid 0) in row 0. Built as lists: element-wise tensor writes cost microseconds.
@@ -250,7 +275,8 @@ class NativeBatchRunner:
         valid_d, rows_d = host[2 * batch * width: 2 * batch * width + batch], host[2 * batch * width + batch:]
         positions_d = positions_d.view(batch, width)
         if graphed:  # cloned: a later replay of another graph of the same memory pool may reuse this output
-            return self._graph(batch, width, span).run_rows(tokens_d, positions_d, valid_d, rows_d)[:n].clone()
+            graph = self._graph(batch, width, span, all_logits=not last_only)
+            return graph.run_rows(tokens_d, positions_d, valid_d, rows_d)[:n].clone()
         logits = self.model(tokens_d, positions_d, self.cache, valid_d, last_only=last_only, kv_len=span,
                             rows=rows_d, kernels=EAGER).float()
         return self._with_summary(logits) if last_only else logits

@@ -14,8 +14,9 @@ replaced by a draw from norm(max(0, p - q)); when all are kept the large model a
 p. p and q are both shaped by the request's temperature, top-k and top-p (`sampling_probs`) before the
 ratio, so the output follows the large model's sampling distribution exactly.
 
-Verification runs eagerly on the native backend; capturing it in CUDA graphs is a later optimisation. The
-acceptance of sampled rows syncs with the host once per row.
+On the native backend with CUDA graphs, a verification pass of one token and a draft of up to 15 per row
+replays a captured graph (`NativeBatchRunner.verify_graphs`); a wider one (the first pass, which reads the
+prompt, or a long hybrid catch-up) runs eagerly. The acceptance of sampled rows syncs with the host once per row.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen3Config)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -69,6 +69,19 @@ def build_model(arch: str, vocab_size: int, hidden: int, layers: int, seed: int)
                         head_dim=hidden // 4, max_position_embeddings=256, initializer_range=0.3,
                         tie_word_embeddings=False, eos_token_id=2, bos_token_id=0, pad_token_id=0, **extra)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def save_near_copy(large: str, folder: Path) -> str:
+    """A copy of the model in folder `large` with a noisy output head, saved with its tokenizer in `folder`: as
+    the small model of a speculation pair, its greedy drafts are accepted about half the time (two random
+    models' about never), so acceptance and rollback both run."""
+    model = AutoModelForCausalLM.from_pretrained(large)
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w += 0.3 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(large).save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")

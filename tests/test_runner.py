@@ -19,7 +19,7 @@ from ead.cli import main
 from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import Engine
 from ead.errors import CacheCapacityError, ConfigError
-from ead.runner import HFBatchRunner, ModelRunner, NativeBatchRunner, choose_backend
+from ead.runner import HFBatchRunner, ModelRunner, NativeBatchRunner, _catch_up_bucket, choose_backend
 from ead.sampling import SamplingParams
 
 from conftest import ARCHS
@@ -111,6 +111,23 @@ def test_native_runner_refuses_overflow_before_touching_the_cache(tiny_pairs):
     runner.feed_many([0], [[7, 8]])  # the refused call changed nothing, so the last two slots are still free
     runner.reset(0)
     assert runner.seen == [0] and runner.cache.lengths.tolist() == [0]
+
+
+@pytest.mark.parametrize("max_batch, rows", [(1, [1]), (4, [1, 2, 4]), (64, [1, 2, 4, 8, 16, 32, 64])])
+def test_verification_graph_buckets_cover_one_token_and_a_draft_per_row(tiny_pairs, max_batch, rows):
+    """The (rows, width) buckets a verification pass replays as a CUDA graph (the graphs themselves are checked
+    in models/test_graphs.py): every row count up to max_batch at widths 8 and 16 (one token and a draft of up
+    to 15), except where the padded pass outgrows the 512 rows of logits the graphs' shared buffer holds."""
+    model = ead.load_pair(*tiny_pairs["qwen2"], device="cpu").small.model
+    runner = NativeBatchRunner.from_hf(model, 10, max_seq_tokens=64, max_batch=max_batch)
+    expected = {(n, w) for n in rows for w in (8, 16)} - {(64, 16)}
+    assert runner._verify_buckets() == expected
+    assert runner._verify_buckets() <= runner._catch_up_buckets()
+    for n in range(1, max_batch + 1):  # the bucket each pass pads to
+        for gamma in range(1, 16):
+            bucket = _catch_up_bucket(n, 1 + gamma)
+            assert bucket in expected or bucket == (64, 16), f"{n} rows, gamma {gamma}: bucket {bucket}"
+        assert _catch_up_bucket(n, 17) not in expected  # a wider pass (a prompt) runs eagerly
 
 
 def test_native_default_context_is_the_models_capped_at_4096(tiny_pairs):

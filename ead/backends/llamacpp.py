@@ -13,7 +13,13 @@ Leaves to others: the EAD rule, entropy and sampling (torch, `ead.engine`), and 
 
 Only the last new token of each slot asks for logits (`llama_batch.logits` flags, read with
 `llama_get_logits_ith`): the high-level `Llama(logits_all=True)` would keep n_ctx x vocab x 4 bytes (2.5 GB for
-Qwen2.5 at 4096 tokens), and `n_outputs_max = max_batch` keeps llama.cpp's output buffers that small too.
+Qwen2.5 at 4096 tokens). Speculative verification (`feed_many(..., all_logits=True)`) asks for every new token's
+logits; llama.cpp aborts a decode with more logits rows than the context's `n_outputs_max`, a buffer of vocab
+floats per row (0.6 MB for Qwen2.5) reserved up front but touched only where written, so it is MAX_OUTPUTS rows
+(and 16 per slot at least): the first verification, which also reads the prompt, is then one decode as a
+prefill is (in pieces of 16 tokens the default pair's 140-token prompt took 2.35 s instead of 1.72, and 1.41
+last-only); a longer feed is decoded in consecutive pieces. `truncate(slot, n)` drops a rejected draft's cells
+(`llama_memory_seq_rm`), so speculation and EAD + speculation run on this backend as on the others.
 
 Known difference: llama.cpp's CPU logits depend on how tokens are batched. A token decoded alone and the same
 token inside a catch-up or prompt batch go through different matmul kernels (one row against many, the
@@ -59,6 +65,10 @@ from ead.models.sources import LoadedModel
 # KV cells are allocated for the whole context up front: 4096 tokens cost Qwen2.5-1.5B 115 MB of f16 keys and
 # values per slot, where its 32768 trained positions would cost 0.9 GB (as the native backend's default).
 DEFAULT_MAX_SEQ_TOKENS = 4096
+# Logits rows one llama_decode may return (see the module docstring): 512 rows of Qwen2.5's vocabulary are 311 MB
+# of address space, of which only the rows a decode writes take memory; at least 16 per slot (one token and a
+# draft of up to 15).
+MAX_OUTPUTS, OUTPUTS_PER_SLOT = 512, 16
 INSTALL = "pip install 'ead[llamacpp]'"
 
 
@@ -174,7 +184,7 @@ class LlamaCppBatchRunner:
         params.kv_unified = False
         params.n_ctx = -(-self.max_seq_tokens // 256) * 256 * max_batch  # llama.cpp pads each slot's cells to 256
         params.n_batch = params.n_ctx  # any catch-up is one llama_decode; llama.cpp splits it into ubatches
-        params.n_outputs_max = max_batch  # one logits row per slot, never one per token
+        params.n_outputs_max = self.max_outputs = max(MAX_OUTPUTS, OUTPUTS_PER_SLOT * max_batch)  # never n_ctx rows
         params.n_threads = params.n_threads_batch = model.n_threads
         params.no_perf = True
         self.ctx = lib.llama_init_from_model(model.ptr, params)
@@ -193,11 +203,21 @@ class LlamaCppBatchRunner:
         self.lib.llama_memory_seq_rm(self.memory, slot, -1, -1)
         self.seen[slot] = 0
 
-    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]]) -> Tensor:
+    def truncate(self, slot: int, n_tokens: int) -> None:
+        """Roll `slot` back to its first `n_tokens` tokens (speculation drops a rejected draft): its cells at
+        positions n_tokens and later leave the KV cache (llama_memory_seq_rm), and the next tokens take them."""
+        assert 0 <= n_tokens <= self.seen[slot], f"truncate slot {slot} to {n_tokens} tokens of {self.seen[slot]}"
+        if n_tokens < self.seen[slot] and not self.lib.llama_memory_seq_rm(self.memory, slot, n_tokens, -1):
+            raise RuntimeError(f"llama_memory_seq_rm refused to drop slot {slot}'s cells from position {n_tokens}")
+        self.seen[slot] = n_tokens
+
+    def feed_many(self, slots: Sequence[int], ids: Sequence[list[int]],
+                  all_logits: bool = False) -> Tensor | list[Tensor]:
         """Append `ids[i]` (at least one token; counts may differ) to slot `slots[i]`, all in one llama_decode
         with per-token sequence ids and positions, and return the logits after each slot's last new token:
-        (len(slots), V) float32 on the CPU. Raises CacheCapacityError, before any work, when a slot would
-        overflow; slots not listed are untouched."""
+        (len(slots), V) float32 on the CPU. With `all_logits`, the logits after every new token, a list of
+        (len(ids[i]), V) (speculative verification; more than `max_outputs` tokens take several decodes).
+        Raises CacheCapacityError, before any work, when a slot would overflow; slots not listed are untouched."""
         assert slots and len(slots) == len(ids) == len(set(slots)) and all(ids), \
             "feed_many needs distinct slots, each with at least one new token"
         for s, t in zip(slots, ids):
@@ -205,21 +225,30 @@ class LlamaCppBatchRunner:
                 raise CacheCapacityError(f"slot {s} holds {self.seen[s]} tokens and {len(t)} more need "
                                          f"{self.seen[s] + len(t)} tokens, but max_seq_tokens={self.max_seq_tokens}; "
                                          "shorten the prompt or raise max_seq_tokens")
-        b, n, outputs = self.batch, 0, []
-        for s, t in zip(slots, ids):
-            for j, token in enumerate(t):
-                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, self.seen[s] + j, 1, 0
-                b.seq_id[n][0] = s
-                n += 1
-            b.logits[n - 1] = 1  # logits for the slot's last new token only
-            outputs.append(n - 1)
-        b.n_tokens = n
+        # (slot, token, wants logits) in feed order: every token, or each slot's last one
+        tokens = [(s, token, all_logits or j == len(t) - 1) for s, t in zip(slots, ids) for j, token in enumerate(t)]
+        step = self.max_outputs if all_logits else len(tokens)
+        parts = [self._decode(tokens[i: i + step]) for i in range(0, len(tokens), step)]
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # (rows, V)
+        return list(logits.split([len(t) for t in ids])) if all_logits else logits
+
+    def _decode(self, tokens: list[tuple[int, int, bool]]) -> Tensor:
+        """One llama_decode of (slot, token id, wants logits), each token at its slot's next position; returns
+        the logits rows asked for, in order: (rows, V) float32."""
+        b, outputs, seen = self.batch, [], list(self.seen)
+        for n, (s, token, wanted) in enumerate(tokens):
+            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, seen[s], 1, int(wanted)
+            b.seq_id[n][0] = s
+            seen[s] += 1
+            if wanted:
+                outputs.append(n)
+        b.n_tokens = len(tokens)
         status = self.lib.llama_decode(self.ctx, b)
-        if status != 0:  # capacity was checked above, so this is llama.cpp failing, not the request
-            raise RuntimeError(f"llama_decode returned {status} for {n} tokens in slots {list(slots)}")
-        for s, t in zip(slots, ids):
-            self.seen[s] += len(t)
-        logits = torch.empty((len(slots), self.vocab_size), dtype=torch.float32)  # (B, V)
+        if status != 0:  # capacity was checked by the caller, so this is llama.cpp failing, not the request
+            raise RuntimeError(f"llama_decode returned {status} for {len(tokens)} tokens in slots "
+                               f"{sorted({s for s, _, _ in tokens})}")
+        self.seen = seen
+        logits = torch.empty((len(outputs), self.vocab_size), dtype=torch.float32)  # (rows, V)
         for row, i in enumerate(outputs):
             ctypes.memmove(logits[row].data_ptr(), self.lib.llama_get_logits_ith(self.ctx, i), self.vocab_size * 4)
         return logits

@@ -7,6 +7,8 @@ every model size). A CUDA graph records the kernels of one step once and replays
 This module owns the graph and its static buffers: the token id and position it reads, the logits it writes.
 The math stays in transformer.py, the memory in kv_cache.py, and the choice of when to replay in the runner.
 Prefill and catch-up feed a varying number of tokens and run eagerly; only the fixed-shape step is captured.
+(The runner keeps graphs for padded catch-up buckets too, and for speculation's verification pass, which returns
+every position's logits: see `out`.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ class DecodeGraph:
     of `ead.router.token_summary` (routing signals and greedy token), computed inside the graph.
 
     width 1, rows 0..batch-1 (`compact` False): the decode step. width > 1 with `compact`: a catch-up of a few
-    rows from anywhere in the cache (batch row b is cache row rows[b]), padded to the width bucket.
+    rows from anywhere in the cache (batch row b is cache row rows[b]), padded to the width bucket. With `out`
+    (batch, width, V) float32: speculative verification, every position's logits written there, cut to V, with
+    no summary; one buffer may serve graphs of several buckets (their outputs are never needed together).
     Replay runs exactly the kernels of the eager `model(...)` call with the same arguments, writing each valid
     token's key and value and advancing `cache.lengths`; rows with valid 0 are untouched (their pads go to
     the trash slot). Shapes are static, so attention reads all `kv_len` slots of every row, masked: the runner
@@ -38,7 +42,7 @@ class DecodeGraph:
     @torch.inference_mode()
     def __init__(self, model: Transformer, cache: KVCache, batch: int = 1, kv_len: int | None = None,
                  pool: tuple[int, int] | None = None, width: int = 1, compact: bool = False,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, out: Tensor | None = None) -> None:
         device = cache.k.device
         assert device.type == "cuda", f"CUDA graphs need a CUDA cache, got {device}"
         self.batch, self.width, self.kv_len, self.compact = batch, width, kv_len, compact
@@ -50,7 +54,7 @@ class DecodeGraph:
         self.rows = torch.zeros((batch,), dtype=torch.int64, device=device) if compact else None
 
         def forward() -> Tensor:
-            return model(self.tokens, self.positions, cache, self.valid, last_only=True, kv_len=kv_len,
+            return model(self.tokens, self.positions, cache, self.valid, last_only=out is None, kv_len=kv_len,
                          rows=self.rows)
 
         side = torch.cuda.Stream(device)
@@ -60,19 +64,26 @@ class DecodeGraph:
                 forward()
         torch.cuda.current_stream(device).wait_stream(side)
 
-        # Capture records kernels without running them: the cache is untouched until the first replay.
+        # Capture records kernels without running them: the cache is untouched until the first replay. On the
+        # cache's device and its side stream, not the current device's: the models of a pair may sit on two GPUs.
+        # A tensor-parallel model's all-reduces are captured too (NCCL supports capture; the warm-up above ran
+        # them once, so the communicator exists before capture).
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            logits = forward().float()  # (B, V)
-            if vocab_size is not None:  # (B, vocab + 5): the logits, then token_summary's columns
-                logits = logits[:, :vocab_size]
-                logits = torch.cat([logits, token_summary(logits)], dim=-1)
-            self.logits = logits
+        with torch.cuda.device(device), torch.cuda.graph(self.graph, pool=pool, stream=side):
+            if out is not None:  # (B, W, V): every position, cast into the caller's buffer
+                self.logits = out.copy_(forward()[..., : out.shape[-1]])
+            else:
+                logits = forward().float()  # (B, V)
+                if vocab_size is not None:  # (B, vocab + 5): the logits, then token_summary's columns
+                    logits = logits[:, :vocab_size]
+                    logits = torch.cat([logits, token_summary(logits)], dim=-1)
+                self.logits = logits
 
     @torch.inference_mode()  # the static buffers were made in inference mode and may only change in it
     def run_rows(self, tokens: Tensor, positions: Tensor, valid: Tensor, rows: Tensor | None = None) -> Tensor:
         """tokens, positions (batch, width) int64; valid (batch,) (0 leaves a row idle); rows (batch,) for a
-        compact graph. Returns the static (batch, V) float32 logits, overwritten by the next replay."""
+        compact graph. Returns the static (batch, V) float32 logits ((batch, width, V) with `out`), overwritten
+        by the next replay."""
         self.tokens.copy_(tokens.view(self.batch, self.width), non_blocking=True)
         self.positions.copy_(positions.view(self.batch, self.width), non_blocking=True)
         self.valid.copy_(valid, non_blocking=True)

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import ead
-from ead.config import EngineConfig, Role, RouterConfig
+from ead.config import EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.engine import Engine
 from ead.models.loader import load_native
 from ead.runner import NativeBatchRunner
 from ead.sampling import SamplingParams
 
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, save_near_copy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -158,3 +158,61 @@ def test_batch_engine_on_cuda_equals_hf_engine_row_by_row(tiny_pairs):
     assert sum(r.stats.switches for r in together) > 0
     for i, (a, b) in enumerate(zip(alone, together)):
         assert b.token_ids == a.token_ids, f"row {i}"
+
+
+def test_verification_graphs_equal_eager_unfused_passes():
+    """Speculation's verification passes (every position's logits, `all_logits`) replayed from graphs with
+    compiled kernels, against the same runner eager and unfused, float32: rows of different lengths, drafts of
+    1 to 12 tokens (width buckets 8 and 16), rows rolled back between passes as speculation does, two spans."""
+    hf = build_model("qwen2", vocab_size=512, hidden=128, layers=3, seed=1).to("cuda", torch.float32)
+    hf.config.max_position_embeddings = 1024  # rope is computed on the fly; room for two span buckets
+    fast = NativeBatchRunner.from_hf(hf, 512, max_seq_tokens=600, cuda_graphs=True, max_batch=4, fused_kernels=True)
+    slow = NativeBatchRunner.from_hf(hf, 512, max_seq_tokens=600, cuda_graphs=False, max_batch=4)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (20, 40, 9)]
+    for runner in (fast, slow):  # wider than any verification bucket: eager in both
+        runner.feed_many([0, 1, 2], prompts, all_logits=True)
+    assert not fast.verify_graphs
+    for step in range(120):
+        slots = [0, 1, 2] if step % 3 else [2, 0]
+        ids = [torch.randint(0, 512, (1 + (step + s) % 12,), generator=gen).tolist() for s in slots]
+        a, b = fast.feed_many(slots, ids, all_logits=True), slow.feed_many(slots, ids, all_logits=True)
+        for s, x, y in zip(slots, a, b):
+            diff = (x - y).abs().max().item()
+            assert x.shape == y.shape and diff <= 1e-3 * y.abs().max().item(), f"step {step}, slot {s}: {diff:.3e}"
+            assert torch.equal(x.argmax(-1), y.argmax(-1)), f"step {step}, slot {s}: argmax differs"
+        for s, t in zip(slots, ids):  # reject the end of the draft
+            for runner in (fast, slow):
+                runner.truncate(s, runner.seen[s] - step % len(t))
+    assert fast.seen == slow.seen and fast.cache.lengths.tolist() == slow.cache.lengths.tolist()
+    assert {w for _, w, _ in fast.verify_graphs} == {8, 16} and {s for *_, s in fast.verify_graphs} == {256, 512}
+
+
+def test_speculative_engine_replays_captured_verification_graphs_and_writes_the_large_models_text(
+        tiny_pairs, tmp_path, monkeypatch):
+    """Rows of different lengths through speculation on CUDA (graphs captured ahead by warm_up, fused kernels),
+    float32: the text is transformers' large-only greedy text on the CPU, and the verification passes replayed
+    graphs captured before the run (none was captured during it)."""
+    from ead.engine import BatchEngine
+
+    large = tiny_pairs["qwen2"][1]
+    near = save_near_copy(large, tmp_path / "near")
+    cpu, gpu = ead.load_pair(near, large, device="cpu"), ead.load_pair(near, large, device="cuda", dtype="float32")
+    prompts = [cpu.encode(PROMPT[: 20 + 15 * i]) for i in range(5)]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    large_only = RouterConfig(threshold_bits=-math.inf, min_dwell_tokens=0, start=Role.LARGE)
+    refs = BatchEngine(cpu, large_only, EngineConfig(backend="hf"), max_batch=1).generate_many(prompts, params)
+    engine = BatchEngine(gpu, RouterConfig(), EngineConfig(backend="native"), max_batch=4, mode="speculative",
+                         speculative=SpeculativeConfig(4))
+    engine.warm_up(max(map(len, prompts)) + params.max_new_tokens + 1)
+    runner = engine.runners[Role.LARGE]
+    captured = set(runner.verify_graphs)
+    assert captured and not engine.runners[Role.SMALL].verify_graphs
+    replays = []
+    graph = runner._graph
+    monkeypatch.setattr(runner, "_graph", lambda *a, **k: replays.append(k.get("all_logits", False)) or graph(*a, **k))
+    results = engine.generate_many(prompts, params)
+    assert any(replays) and set(runner.verify_graphs) == captured
+    for i, (ref, res) in enumerate(zip(refs, results)):
+        assert res.token_ids == ref.token_ids, f"row {i}"
+    assert 0 < sum(r.stats.accepted_tokens for r in results) < sum(r.stats.draft_tokens for r in results)
