@@ -13,6 +13,14 @@ EAD here is scripted: the paper's rule (window 5, d_min 10) applied to a synthet
 per row, with tau set so that the rule gives the large model the asked share. Rows therefore switch at their
 own times, as in real use, and the engine does all its real work (catch-up, both groups, the routers' one
 sync per step); only the signal that triggers a switch is replayed rather than read from random weights.
+
+Speculation (real models only: `--models default`, or `--small`/`--large`; `ead.bench_speculation`): at each
+batch size, on GSM8K test prompts, large-only, speculative decoding (`--gamma`, and with `--draft-confidence`
+the adaptive draft length), and EAD and hybrid at each share f with the same scripted roles, with the
+acceptance rate (accepted / drafted), accepted draft tokens and tokens per large-model pass, and whether the
+speculative rows wrote large-only's text; at batch 1 with transformers models (backends hf and native),
+transformers' own `generate`, plain and assisted (`assistant_model`), as the anchor. Random weights get no
+such rows: acceptance would only measure how two random models agree.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ead.config import EngineConfig, Role, RouterConfig
+from ead.config import EngineConfig, Role, RouterConfig, SpeculativeConfig
+from ead.errors import ConfigError
 from ead.router import Router, ScriptedRouter
 
 QWEN = dict(rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6)
@@ -62,6 +71,13 @@ SHAPES = {  # (family, config): the published configs' shapes
     "llama-3.1-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                    num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
                                    tie_word_embeddings=False, **LLAMA31)),
+    # 145 GB of bf16 weights: split over 2 GPUs at least (--large-tp 2, about 74 GB per rank).
+    "qwen2.5-72b": ("qwen2", dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                                  num_key_value_heads=8, intermediate_size=29568, vocab_size=152064,
+                                  tie_word_embeddings=False, **QWEN)),
+    "llama-3.1-70b": ("llama", dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                                    num_key_value_heads=8, intermediate_size=28672, vocab_size=128256,
+                                    tie_word_embeddings=False, **LLAMA31)),
     "tiny": ("qwen2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=128, vocab_size=512, tie_word_embeddings=True, **QWEN)),
     "tiny-large": ("qwen2", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -77,16 +93,23 @@ def hf_config(shape: str):
     return Qwen2Config(**kw, use_sliding_window=False) if family == "qwen2" else LlamaConfig(**kw)
 
 
-def random_native(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def random_native(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0, world: int = 1):
     """ead's decoder at `shape` with random weights made on `device` in `dtype` (a 14B model never touches host
-    memory, and never exists in float32)."""
+    memory, and never exists in float32). `world` > 1: one rank's part of the model split over `world` ranks of
+    the process group (ead.models.tensor_parallel); only that part is ever allocated, so each GPU of a 72B model
+    holds its half."""
+    from ead.models.tensor_parallel import build_rank_model
     from ead.models.transformer import ModelArgs, Transformer, rope_inv_freq
 
     args = ModelArgs.from_hf_config(hf_config(shape))
-    with torch.device("meta"):
-        model = Transformer(args)
+    if world > 1:
+        model = build_rank_model(args, world)
+        args = model.args  # per rank
+    else:
+        with torch.device("meta"):
+            model = Transformer(args)
     model = model.to(dtype).to_empty(device=device)
-    if args.tie_word_embeddings:  # to_empty gives each module its own tensor
+    if args.tie_word_embeddings and world == 1:  # to_empty gives each module its own tensor
         model.output.weight = model.tok_embeddings.weight
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -100,6 +123,14 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied tensors counted once
 
 
+def shape_params(shape: str) -> int:
+    """Parameters of the whole model at `shape` (counted on the meta device: nothing allocated)."""
+    from ead.models.transformer import ModelArgs, Transformer
+
+    with torch.device("meta"):
+        return n_params(Transformer(ModelArgs.from_hf_config(hf_config(shape))))
+
+
 @dataclass
 class BenchPair:
     """What BatchEngine needs of a ModelPair, for random-weight models: no tokenizer, no end of sequence."""
@@ -108,9 +139,21 @@ class BenchPair:
     large: SimpleNamespace
     device: torch.device
     eos_token_ids: frozenset = field(default_factory=frozenset)
+    large_tp: int = 1
 
     def decode(self, token_ids: list[int]) -> str:
         return ""
+
+
+def random_pair(small_shape: str, large_shape: str, small_device: torch.device, large_device: torch.device,
+                dtype: torch.dtype, large_tp: int = 1) -> BenchPair:
+    """Random-weight models at two shapes; `large_tp` > 1: this rank's part of the large model on `large_device`
+    (the rank's own), the small model whole."""
+    small = random_native(small_shape, small_device, dtype, seed=0)
+    large = random_native(large_shape, large_device, dtype, seed=1, world=large_tp)
+    return BenchPair(small=SimpleNamespace(model=small, params=n_params(small), source=small_shape),
+                     large=SimpleNamespace(model=large, params=shape_params(large_shape), source=large_shape),
+                     device=large_device, large_tp=large_tp)
 
 
 # --- the synthetic entropy stream and the scripted router ---
@@ -155,6 +198,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sync_engine(engine) -> None:
+    """Wait for every device the engine's models sit on (two, when they are placed apart)."""
+    for device in {getattr(r, "device", engine.pair.device) for r in engine.runners.values()} | {engine.pair.device}:
+        sync(torch.device(device))
+
+
 @contextlib.contextmanager
 def memory_scope(device: torch.device, out: dict) -> Iterator[None]:
     """Peak bytes allocated inside the block, and the cudaMalloc calls and reserved bytes it added."""
@@ -192,11 +241,17 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
 
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     before = (dict(engine.rounds), dict(engine.rows_stepped))
-    sync(engine.pair.device)
+    sync_engine(engine)
     t0 = time.perf_counter()
     results = engine.generate_many(prompts, params, routers)
-    sync(engine.pair.device)
+    sync_engine(engine)
     seconds = time.perf_counter() - t0
+    checked = {}
+    if engine.pair.large_tp > 1:  # every rank must have written the same tokens (raises RankDivergenceError)
+        from ead.models.tensor_parallel import check_ranks_agree
+
+        check_ranks_agree([r.token_ids for r in results], engine.pair.device)
+        checked = {"ranks_agree": True}
     steps = [s for r in results for s in r.trace.steps]
     one = {role: [s.step_ms for s in steps if s.role is role and s.fed_tokens == 1] for role in Role}
     n_large = sum(s.role is Role.LARGE for s in steps)
@@ -210,7 +265,7 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
             "step_ms_small": statistics.median(one[Role.SMALL]) if one[Role.SMALL] else None,
             "step_ms_large": statistics.median(one[Role.LARGE]) if one[Role.LARGE] else None,
             "switches": sum(r.stats.switches for r in results),
-            "catchup_tokens": sum(r.stats.catchup_tokens for r in results)}
+            "catchup_tokens": sum(r.stats.catchup_tokens for r in results), **checked}
 
 
 def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: str | None = None,
@@ -218,7 +273,8 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
     """small-only, large-only and EAD at each share, at each batch size, through one BatchEngine per size."""
     from ead.engine import BatchEngine
 
-    cfg = EngineConfig(backend=backend or args.backend, max_seq_tokens=args.prompt_tokens + args.tokens + 8)
+    cfg = EngineConfig(backend=backend or args.backend, max_seq_tokens=args.prompt_tokens + args.tokens + 8,
+                       cuda_graphs=args.cuda_graphs)
     vocab = min(_vocab(pair.small.model), _vocab(pair.large.model))
     for batch in args.batch if batches is None else batches:
         gen = torch.Generator().manual_seed(batch)
@@ -258,6 +314,39 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
         gc.collect()
         if pair.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def bench_speculation(pair, args, emit: Callable[[dict], None], label: dict, backend: str) -> None:
+    """Large-only, speculative and, at each share, scripted EAD and hybrid on GSM8K prompts, at each batch size
+    (see the module docstring); transformers' plain and assisted generate at batch 1 for transformers models."""
+    from ead import bench_speculation as spec
+
+    g = args.gamma
+    for batch in args.batch:
+        out = {"config": "speculation", **label, "batch": batch}
+        try:
+            prompts = spec.gsm8k_prompts(pair, max(batch, args.problems))
+            cfg = EngineConfig(backend=backend, max_seq_tokens=max(map(len, prompts)) + args.tokens + 8,
+                               cuda_graphs=args.cuda_graphs)
+            modes = [spec.SpeculationMode("large_only"),
+                     spec.SpeculationMode(f"speculative_g{g}", "speculative", speculative=SpeculativeConfig(g))]
+            if args.draft_confidence is not None:
+                c = args.draft_confidence
+                modes.append(spec.SpeculationMode(f"speculative_g{g}_c{c:g}", "speculative",
+                                                  speculative=SpeculativeConfig(g, c)))
+            for f in args.shares:  # the EAD rows' scripted roles, for EAD and for hybrid alike
+                scripts = tuple(tuple(roles_for_share(args.tokens, f, seed=1000 * batch + i))
+                                for i in range(len(prompts)))
+                modes += [spec.SpeculationMode(f"ead_f{f:g}", scripts=scripts),
+                          spec.SpeculationMode(f"hybrid_f{f:g}_g{g}", "hybrid", speculative=SpeculativeConfig(g),
+                                               scripts=scripts)]
+            rows = spec.run_modes(pair, prompts, args.tokens, modes, cfg, batch, out, emit)
+            if batch == 1 and spec.is_transformers(pair.large.model):
+                for row in spec.hf_generate_rows(pair, prompts, args.tokens):
+                    emit({**out, **row, "vs_large_only": row["tok_per_s"] / rows[0]["tok_per_s"]})
+        except Exception as e:  # one failed size (out of memory, say) must not lose the others
+            emit({**out, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        gc.collect()
 
 
 def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, copy_bw: float,
@@ -328,22 +417,44 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--small", default=None, help="a real small model (hub id, folder or .gguf), with --large: "
+                   "instead of --models default")
+    p.add_argument("--large", default=None, help="the real large model, with --small")
+    p.add_argument("--gamma", type=int, default=4,
+                   help="draft tokens per large pass for the speculative and hybrid rows of real models (0 = none)")
+    p.add_argument("--draft-confidence", type=float, default=0.5,
+                   help="also a speculative row with this adaptive draft length (a negative value: no such row)")
+    p.add_argument("--problems", type=int, default=4,
+                   help="GSM8K test prompts for the speculation rows (at least the batch size)")
     p.add_argument("--cache-dir", default=None, help="for --models default")
     p.add_argument("--out", help="also append the JSON lines to this file")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run every forward pass eagerly (to compare, or where capture fails)")
+    from ead.cli import add_parallel_args
+
+    add_parallel_args(p)
     p.set_defaults(handler=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import transformers
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ead.pair import place_models
+
+    tp = args.large_tp or 1  # under tensor parallelism every rank runs this, on its own device; rank 0 reports
+    small_device, device = place_models(args.device, args.small_device, args.large_device, tp)
+    first_rank = tp == 1 or torch.distributed.get_rank() == 0
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.shares = [float(x) for x in args.shares.split(",") if x]
     args.batch = [int(x) for x in args.batch.split(",") if x]
+    if args.draft_confidence is not None and args.draft_confidence < 0:
+        args.draft_confidence = None
+    if (args.small is None) != (args.large is None):
+        raise ConfigError("pass both --small and --large (real models), or neither")
     rows = []
 
     def emit(obj: dict | None) -> None:
-        if obj is None:
+        if obj is None or not first_rank:
             return
         rows.append(obj)
         line = json.dumps({"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), **obj})
@@ -356,14 +467,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
           "threads": torch.get_num_threads(), "argv": sys.argv[1:]})
     torch.set_grad_enabled(False)
-    if args.models == "default":
+    if args.models == "default" or args.small is not None:
         from ead.cli import cache_dir
         from ead.pair import load_pair
 
         for backend in args.backend.split(","):  # e.g. llamacpp,hf: side by side in one run
-            pair = load_pair(device=device, dtype=str(dtype).removeprefix("torch."), cache_root=cache_dir(args),
-                             backend=backend)
-            bench_pair(pair, args, emit, {"pair": f"default pair, {backend}"}, backend=backend)
+            pair = load_pair(args.small, args.large, device=args.device, dtype=str(dtype).removeprefix("torch."),
+                             cache_root=cache_dir(args), backend=backend, small_device=args.small_device,
+                             large_device=args.large_device, large_tp=tp)
+            name = "default pair" if args.small is None else f"{args.small} -> {args.large}"
+            bench_pair(pair, args, emit, {"pair": f"{name}, {backend}"}, backend=backend)
+            if args.gamma and tp == 1:  # speculation runs on one device so far (BatchEngine refuses a sync)
+                bench_speculation(pair, args, emit, {"pair": f"{name}, {backend}"}, backend)
             del pair
             gc.collect()
     else:
@@ -373,15 +488,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench_shape(shape, args, device, dtype, copy_bw, emit)
         if args.pair:
             small_shape, large_shape = args.pair.split(":")
-            if args.hf_tokens:
+            if args.hf_tokens and tp == 1:
                 bench_hf_generate(large_shape, args, device, dtype, emit)
-            models = {role: random_native(s, device, dtype, seed=i)
-                      for i, (role, s) in enumerate([(Role.SMALL, small_shape), (Role.LARGE, large_shape)])}
-            pair = BenchPair(small=SimpleNamespace(model=models[Role.SMALL], params=n_params(models[Role.SMALL]),
-                                                   source=small_shape),
-                             large=SimpleNamespace(model=models[Role.LARGE], params=n_params(models[Role.LARGE]),
-                                                   source=large_shape), device=device)
-            bench_pair(pair, args, emit, {"pair": f"{small_shape} -> {large_shape}"})
+            pair = random_pair(small_shape, large_shape, small_device, device, dtype, tp)
+            label = f"{small_shape} -> {large_shape}" + (f" (large split over {tp} ranks)" if tp > 1 else "")
+            bench_pair(pair, args, emit, {"pair": label})
+            if args.gamma:
+                emit({"config": "speculation", "pair": label, "skipped": "random weights: acceptance would only "
+                      "measure how two random models agree; speculative and hybrid rows need real models "
+                      "(--models default, or --small/--large)"})
     print(markdown(rows), file=sys.stderr)
     return 0
 
@@ -416,7 +531,15 @@ def markdown(rows: list[dict]) -> str:
                          f"{r['switches']} | {r['rounds_small']}/{r['rounds_large']} | "
                          f"{r['rows_per_round_small']}/{r['rows_per_round_large']} | {r.get('peak_mem_gib', '')} | "
                          f"{r.get('cuda_mallocs', '')} |")
-        if "error" in r:
+        if "error" in r and r["config"] != "speculation":
             lines.append(f"| {r.get('pair', r.get('shape'))} | {r.get('batch', '')} | {r['config']} error: "
                          f"{r['error'][:80]} | | | | | | | | | | | |")
+    speculation = [r for r in rows if r["config"] == "speculation"]
+    if speculation:
+        from ead.bench_speculation import markdown as speculation_table
+
+        lines += ["", *(f"Speculation rows skipped for {r['pair']}: {r['skipped']}" for r in speculation
+                        if "skipped" in r)]
+        if any("skipped" not in r for r in speculation):
+            lines.append(speculation_table([r for r in speculation if "skipped" not in r]))
     return "\n".join(lines)

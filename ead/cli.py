@@ -12,11 +12,16 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ead.config import (BACKENDS, DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, MODES,
                         EngineConfig, Role, RouterConfig, SpeculativeConfig)
-from ead.errors import EADError
+from ead.errors import ConfigError, EADError
+
+if TYPE_CHECKING:
+    from ead.launch import TorchrunRank
 
 EXAMPLES = """examples:
   ead generate "What is 17*23? Think step by step."            # EAD on the default pair, chat template
@@ -24,6 +29,8 @@ EXAMPLES = """examples:
   ead generate --tau 1.0 --trace-html trace.html "Explain RoPE."
   ead generate --small Qwen/Qwen2.5-1.5B-Instruct --large Qwen/Qwen2.5-14B-Instruct "..."
   ead generate --raw --max-new-tokens 64 "def fibonacci(n):"   # plain prompt, no chat template
+  ead generate --large-tp 2 --small Qwen/Qwen2.5-1.5B-Instruct --large Qwen/Qwen2.5-72B-Instruct "..."
+  torchrun --nproc-per-node 2 -m ead.cli generate --small ... --large ... "..."   # the same, ranks by torchrun
   ead fetch                                                     # download and convert the default pair
 """
 
@@ -47,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "transformers, eager (slow on a GPU); 'llamacpp' = .gguf files through llama.cpp on the "
                           "CPU (pip install 'ead[llamacpp]'); 'auto' (default) = native on CUDA when both models "
                           "support it, llamacpp on CPU for .gguf files when installed, else hf")
+    add_parallel_args(gen)
     rule = gen.add_argument_group("the EAD rule")
     rule.add_argument("--tau", type=float, default=DEFAULT_THRESHOLD_BITS,
                       help=f"entropy threshold in bits: the large model writes while the rolling mean is above it "
@@ -58,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tokens a model writes before another switch (default {DEFAULT_MIN_DWELL_TOKENS}, the "
                            "paper's)")
     rule.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
-    spec = gen.add_argument_group("speculative decoding (backends hf and native)")
+    spec = gen.add_argument_group("speculative decoding (backends hf, native and llamacpp)")
     spec.add_argument("--mode", choices=MODES, default="ead",
                       help="'ead' (default) = the rule above; 'speculative' = the small model drafts, the large one "
                            "verifies: the large model's text, faster; 'hybrid' = the rule's large segments are "
@@ -130,20 +138,108 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where fetched and converted models live (default: $EAD_CACHE_DIR or ~/.cache/ead)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Placement and tensor parallelism (docs/multi_gpu.md), for the commands that support them."""
+    g = p.add_argument_group("several GPUs (docs/multi_gpu.md)")
+    g.add_argument("--large-tp", type=int, default=None, metavar="N",
+                   help="split the large model over N GPUs, one process each (started here, or by torchrun: default "
+                        "its WORLD_SIZE, else 1); the small model runs whole in every process; native backend only")
+    g.add_argument("--small-device", default=None, help="device of the small model (default: --device; with several "
+                                                        "GPUs and no --device, a GPU of its own)")
+    g.add_argument("--large-device", default=None, help="device of the large model (default: --device)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return guarded(start, args)
+
+
+def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`command(args)`, with ead's own errors shown as one line (exit status 2) and Ctrl-C as 130."""
     try:
-        if args.command == "fetch":
-            return cmd_fetch(args)
-        if args.command == "generate":
-            return cmd_generate(args)
-        return args.handler(args)
+        return command(args)
     except EADError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def start(args: argparse.Namespace) -> int:
+    """Run the command in this process, or on every rank of a tensor-parallel group: one spawned per GPU for
+    --large-tp N, or this process as one of those torchrun started (ead.launch)."""
+    if not hasattr(args, "large_tp"):
+        return dispatch(args)
+    from ead import launch
+
+    torchrun = launch.TorchrunRank.from_environ(os.environ)
+    args.large_tp = resolve_large_tp(args, torchrun)
+    device_type = _device_type(args.device)
+    if torchrun is not None and torchrun.world > 1:
+        return launch.join(torchrun, guarded, (dispatch, args), device_type)
+    if args.large_tp > 1:
+        launch.check_world(args.large_tp, device_type)
+        return launch.spawn(guarded, args.large_tp, (dispatch, args), device_type)
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """The command's own function, in this process."""
+    if args.command == "fetch":
+        return cmd_fetch(args)
+    if args.command == "generate":
+        return cmd_generate(args)
+    return args.handler(args)
+
+
+def resolve_large_tp(args: argparse.Namespace, torchrun: TorchrunRank | None) -> int:
+    """--large-tp, defaulting to torchrun's WORLD_SIZE (else 1), checked against what the command asks for."""
+    tp = args.large_tp
+    if torchrun is not None:
+        if tp is not None and tp != torchrun.world:
+            raise ConfigError(f"torchrun started {torchrun.world} processes but --large-tp is {tp}; pass --large-tp "
+                              f"{torchrun.world} or leave it out")
+        tp = torchrun.world
+    tp = 1 if tp is None else tp
+    if tp < 1:
+        raise ConfigError(f"--large-tp must be an integer >= 1, got {tp}")
+    if tp > 1:
+        if getattr(args, "backend", "auto") in ("hf", "llamacpp"):
+            raise ConfigError(f"--large-tp {tp} splits ead's own decoder; --backend {args.backend} cannot be split: "
+                              "use --backend native (or auto)")
+        if getattr(args, "mode", "ead") != "ead":
+            raise ConfigError(f"--large-tp {tp} supports --mode ead only so far, got --mode {args.mode}")
+        if getattr(args, "large", None):
+            check_split(args.large, tp)
+    return tp
+
+
+def check_split(source: str, tp: int) -> None:
+    """Raise ConfigError now, before any process starts, when the large model's heads or MLP width do not divide
+    by `tp` (read from a local folder's config.json; a .gguf file or an uncached hub id is checked as it loads)."""
+    from transformers import AutoConfig
+
+    from ead.models.tensor_parallel import rank_args
+    from ead.models.transformer import ModelArgs
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return
+    rank_args(ModelArgs.from_hf_config(config), tp)
+
+
+def _device_type(device: str | None) -> str:
+    """'cpu' or 'cuda' for --device (None: cuda when there is a GPU)."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
 
 
 def cache_dir(args: argparse.Namespace) -> Path:
@@ -156,12 +252,28 @@ def cache_dir(args: argparse.Namespace) -> Path:
 def load(args: argparse.Namespace):
     import time
 
+    import torch
+
     from ead.pair import load_pair
 
     t0 = time.perf_counter()
-    pair = load_pair(args.small, args.large, device=args.device, dtype=args.dtype, cache_root=cache_dir(args),
-                     backend=getattr(args, "backend", "hf"))  # llamacpp loads GGUF files without transformers
-    print(f"loaded {pair.small.source} -> {pair.large.source} on {pair.device} in {time.perf_counter() - t0:.1f} s",
+    device, backend = args.device, getattr(args, "backend", "hf")  # llamacpp loads GGUF files without transformers
+    # A small model on a GPU of its own (load_pair's default with several GPUs) is for the commands with placement
+    # flags in mode ead; speculation compares both models' distributions on one device, and eval and calibrate
+    # keep to one.
+    apart = hasattr(args, "small_device") and getattr(args, "mode", "ead") == "ead"
+    if device is None and not apart and backend != "llamacpp" and torch.cuda.is_available():
+        device = "cuda"
+    pair = load_pair(args.small, args.large, device=device, dtype=args.dtype, cache_root=cache_dir(args),
+                     backend=backend, small_device=getattr(args, "small_device", None),
+                     large_device=getattr(args, "large_device", None), large_tp=getattr(args, "large_tp", None) or 1)
+    where = f"on {pair.device}"
+    weights = getattr(pair.small.model, "parameters", None)  # a llama.cpp handle has none
+    if weights is not None and next(weights()).device != pair.device:
+        where = f"on {next(weights()).device} and {pair.device}"
+    if pair.large_tp > 1:
+        where = f"on {pair.large_tp} ranks (this one: {pair.device})"
+    print(f"loaded {pair.small.source} -> {pair.large.source} {where} in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     return pair
 
@@ -241,6 +353,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         n = len(seq_ref[0].generated) if seq_ref else 0
         print(f"\ninterrupted after {n} generated tokens", file=sys.stderr)
         return 130
+    if pair.large_tp > 1:  # every rank must have fed its part of the large model the same tokens
+        from ead.models.tensor_parallel import check_ranks_agree
+
+        check_ranks_agree([result.token_ids], pair.device)
     if open_role[0] is not None:
         sys.stdout.write(PLAIN_MARKS[open_role[0]][1])
     if args.json:

@@ -13,7 +13,9 @@ group as their routers switch, so that a large step serves many rows. A group th
 `max_wait_steps` large-model steps is stepped next whatever its size, which bounds the latency this adds to a
 row. The engine counts rounds and rows per group in `rounds` and `rows_stepped`; BENCHMARKS.md has what this
 gives against large-only at each batch size, and why rows routed independently cannot always win. At batch 1
-there is only ever one group, and the rule is the paper's, token by token.
+there is only ever one group, and the rule is the paper's, token by token. With the models on two GPUs
+(`concurrent`), neither waits for the other: each round launches both groups' work, each on its own device, and
+syncs once.
 
 Modes (`mode`): "ead" is the above. "speculative" gives every token to the large model through speculative
 decoding (`ead.speculative`: the small model drafts, the large one verifies a draft per pass), so the text is
@@ -35,9 +37,10 @@ from torch import Tensor
 from ead.config import MODES, EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.errors import CacheCapacityError, ConfigError, RequestError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, VerifyEvent, summarize
+from ead.models.tensor_parallel import broadcast_from_first
 from ead.pair import ModelPair, Prompt
 from ead.router import Router, RoutingPolicy, TokenSignals, token_signals
-from ead.runner import NativeBatchRunner, build_batch_runner, choose_backend
+from ead.runner import HFBatchRunner, NativeBatchRunner, build_batch_runner, choose_backend
 from ead.sampling import SamplingParams, sample_next
 from ead.speculative import Speculator, Verdict
 from ead.stopping import StopChecker
@@ -59,10 +62,20 @@ class Sequence:
     t_added: float = field(default_factory=time.perf_counter)
     t_started: float | None = None
     t_finished: float | None = None
+    side_generators: dict[torch.device, torch.Generator] = field(default_factory=dict)  # see generator_on
 
     @property
     def generated(self) -> list[int]:
         return self.ids[len(self.prompt_ids):]
+
+    def generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The sampler state for draws on `device`: `generator`, or for a model on another device one seeded
+        alike (models on two GPUs draw from two streams, each reproducible from the seed)."""
+        if self.generator is None or self.generator.device == device:
+            return self.generator
+        if device not in self.side_generators:
+            self.side_generators[device] = torch.Generator(device=device).manual_seed(self.sampling.seed)
+        return self.side_generators[device]
 
 
 class BatchEngine:
@@ -76,7 +89,10 @@ class BatchEngine:
                  speculative: SpeculativeConfig | None = None, sync: Callable[[Tensor], Tensor] | None = None) -> None:
         """`sync`, for a model split across processes (ead.models.tensor_parallel): applied to each round's
         (rows, 5) summary of signals and tokens before the routers read it, e.g. `broadcast_from_first`, so
-        that one rank's sampler and routers decide for all."""
+        that one rank's sampler and routers decide for all. A pair whose large model is split (`pair.large_tp` > 1)
+        gets `broadcast_from_first` without asking."""
+        if sync is None and getattr(pair, "large_tp", 1) > 1:
+            sync = broadcast_from_first
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if mode not in MODES:
@@ -103,10 +119,16 @@ class BatchEngine:
         self.token_signals = torch.compile(token_signals, dynamic=True) if fuse else token_signals
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
         self.mode, self.speculator = mode, None
+        # Models on two GPUs: a round steps both groups at once, each on its own device (see `step`).
+        devices = {_device(m) for m in models.values()}
+        self.concurrent = len(devices) == 2 and all(d is not None and d.type == "cuda" for d in devices)
+        if mode != "ead" and len(devices) > 1:
+            raise ConfigError(f"mode {mode!r} compares both models' distributions on one device, but the models sit "
+                              f"on {sorted(map(str, devices))}; load both on one device (or use mode 'ead')")
         if mode != "ead":
             if not all(hasattr(r, "truncate") for r in self.runners.values()):
-                raise ConfigError(f"mode {mode!r} needs runners that can roll a cache back: use backend 'hf' or "
-                                  f"'native' (backend {self.backend!r} has no speculation yet)")
+                raise ConfigError(f"mode {mode!r} needs runners that can roll a cache back: use backend 'hf', "
+                                  f"'native' or 'llamacpp' (backend {self.backend!r} has no speculation yet)")
             self.speculator = Speculator(self.runners[Role.SMALL], self.runners[Role.LARGE],
                                          speculative or SpeculativeConfig(), self.max_seq_tokens, self.token_signals)
         self.queue: deque[Sequence] = deque()
@@ -133,9 +155,10 @@ class BatchEngine:
     def warm_up(self, longest: int) -> None:
         """Capture ahead every CUDA graph that sequences of up to `longest` tokens can need, so that no capture
         (a few forward passes each) falls inside a timed or latency-sensitive run."""
-        for runner in self.runners.values():
-            if hasattr(runner, "capture_graphs"):
-                runner.capture_graphs(min(longest, runner.max_seq_tokens))
+        for role, runner in self.runners.items():
+            if hasattr(runner, "capture_graphs"):  # speculation's verification passes are the large model's
+                verify = self.speculator is not None and role is Role.LARGE
+                runner.capture_graphs(min(longest, runner.max_seq_tokens), verify=verify)
 
     def add(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
             router: RoutingPolicy | None = None) -> Sequence:
@@ -209,17 +232,36 @@ class BatchEngine:
             groups = {Role.SMALL: [], Role.LARGE: active}
         else:
             groups = {role: [seq for seq in active if seq.router.active is role] for role in Role}
-        role = self._choose_group(groups)
-        rows = groups[role]
-        runner = self.runners[role]
+        # Models on two GPUs step both groups each round: the large group's work is launched, then the small
+        # group's, and the sync below waits for both at once. On one device, one group per round.
+        roles = [Role.LARGE, Role.SMALL] if self.concurrent and all(groups.values()) else [self._choose_group(groups)]
         t0 = time.perf_counter()
-        if role is Role.LARGE and self.speculator is not None:
+        if roles == [Role.LARGE] and self.speculator is not None:
             # The small model drafts and the large one verifies every row's draft in one pass (one host sync
             # per draft step and one for the verification, see ead.speculative).
+            rows = groups[Role.LARGE]
             verdicts = self.speculator.run(rows)
-            step_ms = self._account(role, groups, rows, t0)
+            step_ms = self._account(Role.LARGE, groups, rows, t0)
             return [event for seq, v in zip(rows, verdicts) for event in self._emit(seq, v, step_ms)]
+        launched = {role: self._launch(groups[role], self.runners[role]) for role in roles}  # role -> (feeds, summary)
 
+        # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
+        if self.sync is not None:
+            launched = {role: (feeds, self.sync(summary.contiguous())) for role, (feeds, summary) in launched.items()}
+        values = {role: summary.tolist() for role, (_, summary) in launched.items()}
+        waiting = {role: [] if role in roles else groups[role] for role in Role}  # rows of a group not stepped
+
+        events = []
+        for role, (feeds, _) in launched.items():
+            step_ms = self._account(role, waiting, groups[role], t0)
+            for seq, fed, row in zip(groups[role], feeds, values[role]):
+                events.append((seq, self._advance(seq, role, fed, row, step_ms)))
+        return events
+
+    def _launch(self, rows: list[Sequence],
+                runner: NativeBatchRunner | HFBatchRunner) -> tuple[list[list[int]], Tensor]:
+        """Start one group's forward pass: (the tokens fed per row, the (rows, 5) summary on the device, not yet
+        read). Nothing here waits for the device, so two groups on two GPUs run at once."""
         # 1. The active model reads every token it has not seen, in one forward pass for all rows: the prompt
         #    on its first use, one token in steady state, and after a switch what the other model wrote.
         feeds = [seq.ids[runner.seen[seq.slot]:] for seq in rows]
@@ -235,20 +277,11 @@ class BatchEngine:
             logits = runner.feed_many(slots, feeds)  # (n, V) float32
             tokens = self._sample(logits, rows)
             summary = torch.cat([self.token_signals(logits), tokens[:, None].float()], dim=1)
-
-        # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
-        if self.sync is not None:
-            summary = self.sync(summary.contiguous())
-        values = summary.tolist()
-        step_ms = self._account(role, groups, rows, t0)
-
-        events = []
-        for seq, fed, row in zip(rows, feeds, values):
-            events.append((seq, self._advance(seq, role, fed, row, step_ms)))
-        return events
+        return feeds, summary
 
     def _account(self, role: Role, groups: dict[Role, list[Sequence]], rows: list[Sequence], t0: float) -> float:
-        """Book a round of `role` started at `t0` (step time, waits, counters); returns its duration in ms."""
+        """Book a round of `role` started at `t0` (step time, waits, counters); returns its duration in ms. A group
+        of `groups` other than `role` with rows waited this round."""
         step_ms = (time.perf_counter() - t0) * 1e3
         self._measure(role, step_ms / 1e3)
         for other in Role:
@@ -276,7 +309,7 @@ class BatchEngine:
     def _sample(self, logits: Tensor, rows: list[Sequence]) -> Tensor:
         if all(seq.sampling.greedy for seq in rows):
             return logits.argmax(dim=-1)
-        return torch.stack([sample_next(logits[i: i + 1], seq.sampling, seq.generator)[0]
+        return torch.stack([sample_next(logits[i: i + 1], seq.sampling, seq.generator_on(logits.device))[0]
                             for i, seq in enumerate(rows)])
 
     def _measure(self, role: Role, seconds: float) -> None:
@@ -386,6 +419,13 @@ class Engine:
 def _vocab_size(model) -> int:
     """Output width of a transformers model, of ead's decoder, or of another backend's model handle."""
     return model.args.vocab_size if hasattr(model, "args") else model.config.vocab_size
+
+
+def _device(model) -> torch.device | None:
+    """The device of a transformers model or of ead's decoder; None for a handle without torch weights."""
+    if hasattr(model, "tok_embeddings"):
+        return model.tok_embeddings.weight.device
+    return getattr(model, "device", None)
 
 
 def generate(pair: ModelPair, prompts: Prompt | list[Prompt], config: RouterConfig | None = None,

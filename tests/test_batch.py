@@ -138,6 +138,26 @@ def test_two_groups_never_step_together_and_the_wait_bound_holds(pair, prompts, 
     assert engine.rounds[S] + engine.rounds[L] > 0 and engine.rows_stepped[L] >= engine.rounds[L]
 
 
+@pytest.mark.parametrize("backend", ["hf", "native"])
+def test_models_on_two_devices_step_both_groups_in_one_round(pair, prompts, cfg, alone, backend):
+    """With the models on two GPUs a round steps both groups at once (`concurrent`, set by hand here: on the CPU
+    both models share one device). Every row still writes what it writes alone, in fewer rounds."""
+    engine = BatchEngine(pair, cfg, EngineConfig(backend=backend), max_batch=3)
+    assert not engine.concurrent, "one device: one group per round"
+    engine.concurrent = True
+    seqs = [engine.add(p, PARAMS) for p in prompts]
+    rounds_with_both = 0
+    while engine.has_work:
+        running = {seq for seq in seqs if seq.slot is not None}
+        events = engine.step()
+        assert running <= {seq for seq, _ in events}, "every running row gets a token each round"
+        rounds_with_both += len({record.role for _, record in events}) == 2
+    assert rounds_with_both > 0
+    for i, (a, seq) in enumerate(zip(alone, seqs)):
+        assert seq.generated == a.token_ids, f"row {i} differs from its run alone"
+        assert [s.role for s in seq.trace.steps] == [s.role for s in a.trace.steps], f"row {i}: roles differ"
+
+
 def test_cancel_frees_the_slot_for_a_waiting_sequence_and_queue_order_holds(pair, prompts):
     engine = BatchEngine(pair, RouterConfig(threshold_bits=math.inf), EngineConfig(backend="native"), max_batch=2)
     a, b, c = (engine.add(p, SamplingParams(max_new_tokens=50, ignore_eos=True)) for p in prompts[:3])

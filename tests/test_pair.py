@@ -1,12 +1,13 @@
 """Loading a pair: sources, tokenizer agreement, prompts, and the errors a user meets first."""
 
 import pytest
+import torch
 
 import ead
 from ead.config import RouterConfig
 from ead.engine import Engine
-from ead.errors import CacheCapacityError, ModelLoadError, RequestError, TokenizerMismatchError
-from ead.pair import end_of_sequence_ids
+from ead.errors import CacheCapacityError, ConfigError, ModelLoadError, RequestError, TokenizerMismatchError
+from ead.pair import end_of_sequence_ids, place_models
 from ead.sampling import SamplingParams
 
 
@@ -83,3 +84,31 @@ def test_parameter_counts_are_recorded(qwen_pair):
         mlp = 3 * hidden * 2 * hidden
         return 2 * vocab * hidden + layers * (attn + mlp + 2 * hidden) + hidden
     assert (qwen_pair.small.params, qwen_pair.large.params) == (count(32, 1), count(64, 2))
+
+
+def test_both_models_placed_on_the_cpu_write_what_one_device_writes(tiny_pairs, qwen_pair):
+    placed = ead.load_pair(*tiny_pairs["qwen2"], small_device="cpu", large_device="cpu")
+    assert placed.device == torch.device("cpu") and placed.small.model.device == torch.device("cpu")
+    ids = qwen_pair.encode("Natalia sold clips to 48 of her friends.")
+    cfg = RouterConfig(threshold_bits=1.0, window_tokens=2, min_dwell_tokens=2)
+    params = SamplingParams(max_new_tokens=24)
+    expected, got = (Engine(p, cfg).generate(ids, params) for p in (qwen_pair, placed))
+    assert got.token_ids == expected.token_ids
+    assert [s.role for s in got.trace.steps] == [s.role for s in expected.trace.steps]
+
+
+def test_with_several_gpus_the_small_model_gets_its_own(monkeypatch):
+    """Placement alone, with the GPUs faked: no tensor is made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device
+    assert place_models(None, None, None) == (cuda("cuda", 1), cuda("cuda", 0))
+    assert place_models(None, None, "cuda:1") == (cuda("cuda", 0), cuda("cuda", 1))
+    assert place_models("cuda", None, None) == (cuda("cuda", 0), cuda("cuda", 0))  # --device: both there
+    assert place_models(None, "cuda:0", None) == (cuda("cuda", 0), cuda("cuda", 0))
+    assert place_models("cpu", "cuda:1", None) == (cuda("cuda", 1), cuda("cpu"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert place_models(None, None, None) == (cuda("cuda", 0), cuda("cuda", 0))
+    with pytest.raises(ConfigError, match="large_tp must be an integer >= 1, got 0"):
+        place_models(None, None, None, large_tp=0)

@@ -16,8 +16,10 @@ tokens are still decided once, on the group's first rank, and broadcast (`decide
 never depend on that, and `check_ranks_agree` catches a rank that drifts (say, one fed other ids).
 
 The per-rank model's `args` hold the per-rank head and MLP counts, so `KVCache.for_model(model.args, ...)` and
-the runners allocate only this rank's kv heads. Starting the processes is `init_rank`'s job; choosing what to
-generate is the engine's.
+the runners allocate only this rank's kv heads. A 72B model whose whole fits no GPU is built from its parts
+(`build_rank_model`, then only this rank's part allocated), or loaded and split (`load_sharded`). Joining the
+group is `init_rank`'s job, starting its processes `ead.launch`'s, choosing what to generate the engine's.
+Decode graphs capture the collectives with the rest of a step (NCCL supports CUDA graph capture).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from ead.errors import ConfigError, RankDivergenceError
 from ead.models.kv_cache import KVCache
+from ead.models.loader import load_native
 from ead.models.transformer import (
     EAGER,
     MLP,
@@ -48,18 +51,30 @@ from ead.models.transformer import (
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def init_rank(rank: int, world: int, port: int, backend: str | None = None, host: str = "127.0.0.1") -> torch.device:
+def init_rank(rank: int, world: int, port: int | None = None, backend: str | None = None, host: str = "127.0.0.1",
+              local_rank: int | None = None) -> torch.device:
     """Join the default process group as `rank` of `world` (every rank calls this with the same port) and return
-    this rank's device: cuda:rank with NCCL when CUDA is there (backend None), else the CPU with gloo."""
+    this rank's device: cuda:local_rank (default: rank) with NCCL when CUDA is there (backend None), else the CPU
+    with gloo. `port` None reads the rendezvous from the environment (torchrun's MASTER_ADDR and MASTER_PORT:
+    torchrun's own store already listens on that port, so a tcp:// rendezvous there would collide)."""
     for name, value in MULTICAST_OFF.items():
         os.environ.setdefault(name, value)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if backend == "nccl" else torch.device("cpu")
+    local_rank = rank if local_rank is None else local_rank
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
+    init_method = "env://" if port is None else f"tcp://{host}:{port}"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None)
     return device
+
+
+def rank_device() -> torch.device:
+    """This rank's device, as `init_rank` chose it: its GPU in an NCCL group, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce(x: Tensor, world: int, group: dist.ProcessGroup | None) -> Tensor:
@@ -108,9 +123,16 @@ class ParallelHead(nn.Module):
         local = F.linear(h, self.weight)  # (..., Vr)
         if self.world == 1:
             return local[..., : self.vocab_size]
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local, group=self.group)
-        return torch.cat(parts, dim=-1)[..., : self.vocab_size]  # (..., V)
+        # One collective into one tensor (no list of outputs to copy back), which a CUDA graph captures cleanly.
+        local = local.contiguous()
+        parts = local.new_empty((self.world * local.shape[0], *local.shape[1:]))  # ranks' parts along dim 0
+        all_gather_into(parts, local, group=self.group)
+        parts = parts.view(self.world, *local.shape).movedim(0, -2)  # (..., world, Vr)
+        return parts.flatten(-2)[..., : self.vocab_size]  # (..., world * Vr) -> (..., V)
+
+
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (same arguments) and deprecated the old name.
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def rank_args(args: ModelArgs, world: int) -> ModelArgs:
@@ -173,16 +195,35 @@ def shard(model: Transformer, rank: int, world: int, group: dist.ProcessGroup | 
         raise ConfigError(f"the process group has {dist.get_world_size(group)} ranks, not world={world}; "
                           "start one process per tensor-parallel rank.")
     state = shard_state_dict(model.state_dict(), model.args, rank, world)
-    with torch.device("meta"):  # no random init of weights we are about to replace
-        sharded = Transformer(args)
-        for layer in sharded.layers:
-            layer.attention = ParallelAttention(args, world, group)
-            layer.feed_forward = ParallelMLP(args, world, group)
-        sharded.output = ParallelHead(args.dim, args.vocab_size, world, group)
+    sharded = build_rank_model(model.args, world, group)
     sharded.load_state_dict(state, strict=True, assign=True)
     sharded.inv_freq = rope_inv_freq(args).to(model.inv_freq.device)  # non-persistent, float32, meta until now
     sharded.kernels = model.kernels
     return sharded.eval()
+
+
+def build_rank_model(args: ModelArgs, world: int, group: dist.ProcessGroup | None = None) -> Transformer:
+    """The module tree of one rank's part of a model of shape `args` (the whole model's), its parameters on the
+    meta device: fill them with `load_state_dict(..., assign=True)`, or allocate just this rank's share with
+    `to_empty(device=...)` (a 72B model whose whole would not fit one GPU). The rope buffer is left to the caller.
+    Raises ConfigError when the heads or MLP width do not divide by `world`."""
+    per_rank = rank_args(args, world)
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = Transformer(per_rank)
+        for layer in model.layers:
+            layer.attention = ParallelAttention(per_rank, world, group)
+            layer.feed_forward = ParallelMLP(per_rank, world, group)
+        model.output = ParallelHead(per_rank.dim, per_rank.vocab_size, world, group)
+    return model
+
+
+def load_sharded(hf_model: nn.Module, device: torch.device | str, dtype: torch.dtype,
+                 group: dist.ProcessGroup | None = None) -> Transformer:
+    """This rank's part of a transformers model of the group, on `device`: the whole model is converted in host
+    memory, split, and only this rank's part moves to `device`. Host memory holds the whole model once per rank
+    while it runs (`ead.pair.load_pair` loads the ranks one after another for that reason)."""
+    whole = load_native(hf_model, "cpu", dtype)
+    return shard(whole, dist.get_rank(group), dist.get_world_size(group), group).to(device)
 
 
 def broadcast_from_first(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ead.config import EngineConfig, RouterConfig, SpeculativeConfig
+from ead.engine import BatchEngine
 from ead.errors import ConfigError
 from ead.pair import ModelPair
 from ead.server.prometheus import ServerMetrics
@@ -292,18 +293,23 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 def create_app(pair: ModelPair, cfg: ServeConfig, engine_cfg: EngineConfig | None = None, max_batch: int = 16,
-               max_queue: int = 64, mode: str = "ead", speculative: SpeculativeConfig | None = None) -> Starlette:
+               max_queue: int = 64, mode: str = "ead", speculative: SpeculativeConfig | None = None,
+               mirror: Callable[[list[tuple]], None] | None = None) -> Starlette:
     """The whole server for one loaded pair: a BatchEngine of `max_batch` slots on its own thread, at most
     `max_queue` more requests waiting, the routes. `mode` ("ead", "speculative" or "hybrid") is the engine's,
-    the same for every request. `app.state` holds `worker` and `metrics` for inspection."""
-    from ead.engine import BatchEngine
-
+    the same for every request. `mirror`: rank 0 of a tensor-parallel pair sends each round's commands to the
+    other ranks through it (ead.server.worker.follow). `app.state` holds `worker` and `metrics` for inspection."""
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
         raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     metrics = ServerMetrics()
-    worker = EngineWorker(pair, lambda: BatchEngine(pair, cfg.router, engine_cfg, max_batch=max_batch, mode=mode,
-                                                    speculative=speculative), metrics,
-                          capacity=max_batch + max_queue)
+    worker = EngineWorker(pair, engine_factory(pair, cfg, engine_cfg, max_batch, mode, speculative), metrics,
+                          capacity=max_batch + max_queue, mirror=mirror)
     app = build_app(worker, metrics, cfg)
     app.state.worker, app.state.metrics = worker, metrics
     return app
+
+
+def engine_factory(pair: ModelPair, cfg: ServeConfig, engine_cfg: EngineConfig | None, max_batch: int, mode: str,
+                   speculative: SpeculativeConfig | None) -> Callable[[], BatchEngine]:
+    """How the server builds its engine (again after a failure); every rank of a tensor-parallel server alike."""
+    return lambda: BatchEngine(pair, cfg.router, engine_cfg, max_batch=max_batch, mode=mode, speculative=speculative)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from ead.config import (
@@ -27,13 +28,14 @@ EXAMPLES = """examples:
   ead serve                                              # the default pair on http://127.0.0.1:8000/v1
   ead serve --small Qwen/Qwen2.5-1.5B-Instruct --large Qwen/Qwen2.5-14B-Instruct --max-batch 32
   EAD_API_KEY=secret ead serve --host 0.0.0.0 --port 8080 --tau 1.0
+  ead serve --small Qwen/Qwen2.5-1.5B-Instruct --large Qwen/Qwen2.5-72B-Instruct --large-tp 2   # large on 2 GPUs
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "ead", "messages": [{"role": "user", "content": "What is 17*23?"}], "ead": {"tau": 0.5}}'
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ead.cli import add_model_args
+    from ead.cli import add_model_args, add_parallel_args
 
     p = subparsers.add_parser("serve", help="serve EAD over an OpenAI-compatible HTTP API",
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -42,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "See docs/serve.md.")
     add_model_args(p)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="how the models run (see ead generate --help)")
+    add_parallel_args(p)
     rule = p.add_argument_group("the EAD rule (defaults for requests without an 'ead' object)")
     rule.add_argument("--tau", type=float, default=DEFAULT_THRESHOLD_BITS,
                       help=f"entropy threshold in bits (default {DEFAULT_THRESHOLD_BITS})")
@@ -52,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rule.add_argument("--start", choices=["small", "large"], default="small", help="model that writes first")
     rule.add_argument("--calibration", metavar="FILE", default=None,
                       help="take the default tau from a file written by `ead calibrate` for this pair")
-    spec = p.add_argument_group("speculative decoding (for every request; backends hf and native)")
+    spec = p.add_argument_group("speculative decoding (for every request; backends hf, native and llamacpp)")
     spec.add_argument("--mode", choices=MODES, default="ead",
                       help="'ead' (default); 'speculative' = the large model's text, drafted by the small one; "
                            "'hybrid' = EAD with its large segments written by speculation")
@@ -97,8 +100,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         router = RouterConfig(threshold_bits=tau, window_tokens=args.window, min_dwell_tokens=args.d_min,
                               start=Role(args.start))
     cfg = ServeConfig(model_name=args.model_name, api_key=api_key, max_body_bytes=args.max_body_bytes, router=router)
-    app = create_app(pair, cfg, EngineConfig(backend=args.backend), max_batch=args.max_batch,
-                     max_queue=args.max_queue, mode=args.mode, speculative=SpeculativeConfig(max_draft_tokens=args.gamma))
+    engine_cfg, speculative = EngineConfig(backend=args.backend), SpeculativeConfig(max_draft_tokens=args.gamma)
+    mirror = None
+    if pair.large_tp > 1:  # every rank runs an engine over the same requests; rank 0 alone serves HTTP
+        import torch.distributed as dist
+
+        from ead.launch import rank0_channel
+        from ead.server.app import engine_factory
+        from ead.server.worker import follow
+
+        send, receive = rank0_channel()
+        if dist.get_rank() > 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops rank 0's server, which then stops this rank
+            follow(engine_factory(pair, cfg, engine_cfg, args.max_batch, args.mode, speculative), receive)
+            return 0
+        mirror = send
+    app = create_app(pair, cfg, engine_cfg, max_batch=args.max_batch, max_queue=args.max_queue, mode=args.mode,
+                     speculative=speculative, mirror=mirror)
     print(f"serving {args.model_name!r} ({pair.small.source} -> {pair.large.source}) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -7,6 +7,10 @@ callback, which the HTTP side makes thread-safe (asyncio's call_soon_threadsafe 
 
 Prompts are tokenized here as well: the engine decodes text on this thread inside step(), and a Hugging Face
 fast tokenizer used from two threads at once can fail ("Already borrowed").
+
+Under tensor parallelism (ead.launch) every rank runs an engine over the same requests, and only rank 0 serves
+HTTP: each round its worker sends the other ranks what changed (`mirror`: sequences added, cancelled, the engine
+replaced, the server stopping) before it steps, and each of them replays that in `follow` and steps too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+import torch
 
 from ead.engine import BatchEngine, Sequence
 from ead.errors import CacheCapacityError
@@ -62,6 +68,7 @@ class Submission:
     deliver: Callable[[Event], None]  # thread-safe, never blocks
     arrived_s: float  # time.perf_counter() when the HTTP request arrived
     seq: Sequence | None = None  # once admitted
+    key: int = -1  # once admitted: the name other ranks know its sequence by (tensor parallelism)
     prompt_tokens: int = 0
     shown_chars: int = 0
     last_token_s: float | None = None
@@ -73,12 +80,14 @@ class EngineWorker:
     past it is refused at once, so the HTTP side can answer 429 instead of queueing without end."""
 
     def __init__(self, pair: ModelPair, make_engine: Callable[[], BatchEngine], metrics: ServerMetrics,
-                 capacity: int) -> None:
+                 capacity: int, mirror: Callable[[list[tuple]], None] | None = None) -> None:
+        """`mirror`, for a tensor-parallel pair: sends each round's commands (see `follow`) to the other ranks."""
         self.pair = pair
         self.make_engine = make_engine
         self.engine = make_engine()
         self.metrics = metrics
-        self.vocab_size = min(pair.small.model.config.vocab_size, pair.large.model.config.vocab_size)
+        self.vocab_size = min(r.vocab_size for r in self.engine.runners.values())
+        self.mirror, self.keys, self.mirrored = mirror, 0, []  # this round's commands for the other ranks
         self.capacity = capacity
         self.slots = threading.BoundedSemaphore(capacity)
         self.inbox: queue.SimpleQueue[tuple[str, Submission | None]] = queue.SimpleQueue()
@@ -111,6 +120,8 @@ class EngineWorker:
     # --- the engine thread ---
 
     def run(self) -> None:
+        if self.pair.device.type == "cuda":  # a thread starts on cuda:0; collectives run on this rank's GPU
+            torch.cuda.set_device(self.pair.device)
         while True:
             try:
                 if not self._round():
@@ -129,9 +140,11 @@ class EngineWorker:
                 break
         for kind, sub in commands:
             if kind == "stop":
+                self._send(("stop",))
                 self._shut_down()
                 return False
             self._admit(sub) if kind == "add" else self._cancel(sub)
+        self._send()
         if self.engine.has_work:
             self._step()
         self.metrics.set_load(self.engine.waiting, self.engine.running)
@@ -144,6 +157,8 @@ class EngineWorker:
             sampling = self._fit(req, ids)
             sub.prompt_tokens = len(ids)
             sub.seq = self.engine.add(ids, sampling, Router(req.router))  # per-request rule
+            sub.key, self.keys = self.keys, self.keys + 1
+            self.mirrored.append(("add", sub.key, ids, sampling, req.router))
         except Exception as e:  # a bad prompt fails this request only
             error = error_for(e)
             if error.status >= 500:
@@ -202,6 +217,7 @@ class EngineWorker:
             self._release(sub)
         try:
             self.engine = self.make_engine()
+            self.mirrored.append(("reset",))
         except Exception:
             log.exception("could not build a fresh engine; keeping the old one")
         self.metrics.set_load(self.engine.waiting, self.engine.running)
@@ -225,6 +241,7 @@ class EngineWorker:
             return
         try:
             self.engine.cancel(sub.seq)
+            self.mirrored.append(("cancel", sub.key))
         except Exception:  # never let one cancel lose the commands queued behind it
             log.exception("cancelling a request failed")
         self.metrics.record_finished("cancelled", sub.prompt_tokens)
@@ -252,6 +269,37 @@ class EngineWorker:
             if not sub.done:
                 sub.deliver(Failed(gone))
                 self._release(sub)
+
+
+    def _send(self, *last: tuple) -> None:
+        """Hand this round's commands to the other ranks (every round, even none: they step in lockstep)."""
+        if self.mirror is not None:
+            self.mirror(self.mirrored + list(last))
+        self.mirrored = []
+
+
+def follow(make_engine: Callable[[], BatchEngine], receive: Callable[[], list[tuple]]) -> None:
+    """A rank other than 0 of a tensor-parallel server: replay each round's commands from rank 0's worker on an
+    engine of its own and step it as rank 0 does, until told to stop. Commands: ("add", key, prompt ids,
+    SamplingParams, RouterConfig), ("cancel", key), ("reset",) (rank 0 replaced its engine), ("stop",)."""
+    engine, seqs = make_engine(), {}
+    while True:
+        for command, *fields in receive():
+            if command == "stop":
+                return
+            if command == "add":
+                key, ids, sampling, router = fields
+                seqs[key] = engine.add(ids, sampling, Router(router))
+            elif command == "cancel" and fields[0] in seqs:
+                engine.cancel(seqs.pop(fields[0]))
+            elif command == "reset":
+                engine, seqs = make_engine(), {}
+        if engine.has_work:
+            try:
+                engine.step()
+            except Exception:  # rank 0 fails the same step, replaces its engine and says "reset"
+                log.exception("engine step failed on this rank")
+        seqs = {key: seq for key, seq in seqs.items() if seq.finish_reason is None}
 
 
 def _is_token_ids(prompt: object) -> bool:

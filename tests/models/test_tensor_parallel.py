@@ -210,7 +210,8 @@ EAD_PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "Weng earns 
 
 def ead_engine(folders: tuple[str, str], tau: float, rank: int | None = None, world: int = 1, sync=None):
     """A native-backend BatchEngine of two rows; with `rank`, its large runner runs `shard(large, rank, world)`.
-    (What `--large-tp` would do; here by swapping the runner, since the engine has no hook for it yet.)"""
+    (What `load_pair(..., large_tp=2)` does, tested in tests/test_launch.py; here by swapping the runner, with the
+    sync passed by hand.)"""
     import ead
     from ead.config import EngineConfig, Role, RouterConfig
     from ead.engine import BatchEngine

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
+import ead
 from ead.cli import build_parser
+from ead.config import EngineConfig, RouterConfig
 from ead.server.cli import cmd_serve
 
 
@@ -25,25 +28,30 @@ def test_serve_flags_and_defaults():
     assert (args.tau, args.window, args.d_min, args.max_batch, args.max_queue) == (1.5, 3, 2, 4, 0)
 
 
-def test_ead_serve_process_serves_and_stops_on_ctrl_c(tiny_pairs):
+def start_server(small: str, large: str, *flags: str) -> tuple[subprocess.Popen, int]:
+    """`ead serve` in a process of its own on a free port, once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    small, large = tiny_pairs["llama"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EAD_API_KEY": "k"}
     proc = subprocess.Popen([sys.executable, "-m", "ead.cli", "serve", "--small", small, "--large", large,
-                             "--port", str(port), "--max-batch", "2"], env=env,
+                             "--port", str(port), "--max-batch", "2", *flags], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "ead serve did not come up"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, port
+        except OSError:
+            time.sleep(0.2)
+
+
+def test_ead_serve_process_serves_and_stops_on_ctrl_c(tiny_pairs):
+    small, large = tiny_pairs["llama"]
+    proc, port = start_server(small, large)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "ead serve did not come up"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         r = client.chat.completions.create(model="ead", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                            extra_body={"ignore_eos": True})
@@ -69,3 +77,32 @@ def test_serve_refuses_a_calibration_file_made_for_another_pair(tiny_pairs, tmp_
     assert main(["serve", *qwen, "--calibration", str(cal), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "ConfigError" in err and "Traceback" not in err
+
+
+def test_ead_serve_with_the_large_model_split_over_two_processes(tiny_pairs):
+    """Rank 0 serves and sends each round's requests to rank 1; concurrent requests get what one process writes."""
+    small, large = tiny_pairs["qwen2"]
+    router = RouterConfig(threshold_bits=1.0, window_tokens=2, min_dwell_tokens=2)
+    prompts = ["Natalia sold clips to 48 of her friends in April.", "Weng earns $12 an hour for babysitting.",
+               "Betty is saving money for a new wallet."]
+    pair = ead.load_pair(small, large, device="cpu")
+    params = ead.SamplingParams(max_new_tokens=16, ignore_eos=True)
+    expected = [r.text for r in ead.generate(pair, prompts, router, params, EngineConfig(backend="native"))]
+    proc, port = start_server(small, large, "--device", "cpu", "--large-tp", "2", "--tau", "1.0", "--window", "2",
+                              "--d-min", "2")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+
+        def complete(prompt: str) -> str:
+            r = client.completions.create(model="ead", prompt=prompt, max_tokens=16, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(3) as pool:  # three requests, two slots: batched, one waits for a slot
+            assert list(pool.map(complete, prompts)) == expected
+        proc.send_signal(signal.SIGINT)  # passed on to both ranks; rank 0 tells rank 1 to stop
+        assert proc.wait(30) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
