@@ -38,3 +38,18 @@ def test_multi_gpu_benchmark_runs_on_the_cpu():
     assert [r["ok"] for r in by["check_ranks_agree"]] == [True, True]
     assert not [r for r in rows if "error" in r]
     assert "| tiny-large | 2 |" in proc.stderr  # the Markdown table
+
+
+def test_the_bf16_check_judges_the_split_against_the_float32_model():
+    """In bf16 a split model's logits differ from the whole model's by rounding (flat random logits flip top-1s):
+    the check passes when splitting adds no error beyond what bf16 rounding gives the whole model."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--device", "cpu", "--shapes", "tiny",
+                           "--measure", "checks", "--checks-dtype", "bfloat16", "--tokens", "8",
+                           "--prompt-tokens", "8", "--batch", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=240,
+                          env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [logits] = [r for r in map(json.loads, proc.stdout.splitlines()) if r["measure"] == "check_logits"]
+    assert logits["dtype"] == "bfloat16" and logits["ok"], logits
+    assert 0 < logits["whole_vs_fp32_rel"] < 0.1 and logits["split_vs_fp32_rel"] <= 1.5 * logits["whole_vs_fp32_rel"]
