@@ -341,7 +341,7 @@ class BatchEngine:
                             mean_bits=seq.router.last_mean_bits, fed_tokens=len(fed), step_ms=step_ms)
         seq.trace.steps.append(record)
         # Stop on an end-of-sequence id, a stop string, max_new_tokens or a full context.
-        seq.finish_reason = seq.stopper.update(seq.generated)
+        seq.finish_reason = seq.stopper.update(seq.ids, len(seq.prompt_ids))
         if seq.finish_reason is None and len(seq.ids) >= self.max_seq_tokens:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:

@@ -26,28 +26,30 @@ class StopChecker:
         self.visible_chars = 0  # len(text[:visible_chars]) can be shown and will not change
         self._settled_ids, self._settled_text = 0, ""
 
-    def _decode(self, token_ids: list[int]) -> str:
-        """decode(token_ids), in time that does not grow with the length of the text.
+    def _decode(self, token_ids: list[int], start: int = 0) -> str:
+        """decode(token_ids[start:]), in time that does not grow with the length of the text.
 
         The ids before `_settled_ids` decode to `_settled_text`. A split is settled only where decoding the two
         sides apart gives exactly the text of decoding them together (true for byte-level BPE at a character
         boundary; a tokenizer that drops a leading space, as SentencePiece does, fails the check and keeps
         decoding a longer tail, which stays exact, only slower)."""
-        if len(token_ids) < self._settled_ids:  # not the continuation of what came before: start over
+        n = len(token_ids) - start
+        if n < self._settled_ids:  # not the continuation of what came before: start over
             self._settled_ids, self._settled_text = 0, ""
         k = self._settled_ids
-        tail = self.decode(token_ids[k:])
+        tail = self.decode(token_ids[start + k:])
         text = self._settled_text + tail
-        if len(token_ids) - k >= SETTLE_TOKENS and not tail.endswith("\ufffd"):
-            split = len(token_ids) - MARGIN_TOKENS
-            head = self.decode(token_ids[k:split])
+        if n - k >= SETTLE_TOKENS and not tail.endswith("\ufffd"):
+            split = start + n - MARGIN_TOKENS
+            head = self.decode(token_ids[start + k:split])
             if head + self.decode(token_ids[split:]) == tail and not head.endswith("\ufffd"):
-                self._settled_ids, self._settled_text = split, self._settled_text + head
+                self._settled_ids, self._settled_text = split - start, self._settled_text + head
         return text
 
-    def update(self, token_ids: list[int]) -> str | None:
-        """Take the generated ids so far (the newest last); return "stop" or "length" when generation ends."""
-        text = self._decode(token_ids)
+    def update(self, token_ids: list[int], start: int = 0) -> str | None:
+        """Take the generated ids so far, `token_ids[start:]` (the newest last; `start` spares the caller a copy
+        of a long sequence's ids every token); return "stop" or "length" when generation ends."""
+        text = self._decode(token_ids, start)
         hits = [at for at in (text.find(s) for s in self.stop) if at >= 0]
         if hits:
             self.text = text[:min(hits)]
@@ -57,7 +59,7 @@ class StopChecker:
         if token_ids[-1] in self.eos_token_ids:
             self.visible_chars = len(text)
             return "stop"
-        if len(token_ids) >= self.max_new_tokens:
+        if len(token_ids) - start >= self.max_new_tokens:
             self.visible_chars = len(text)
             return "length"
         self.visible_chars = max(self.visible_chars, len(text) - self._held_back(text))

@@ -112,3 +112,26 @@ def test_with_several_gpus_the_small_model_gets_its_own(monkeypatch):
     assert place_models(None, None, None) == (cuda("cuda", 0), cuda("cuda", 0))
     with pytest.raises(ConfigError, match="large_tp must be an integer >= 1, got 0"):
         place_models(None, None, None, large_tp=0)
+
+
+def test_decode_is_the_tokenizers_decode_special_tokens_left_out(qwen_pair):
+    """The pair decodes through the Rust tokenizer directly (the stop checks run it for every token): it must give
+    the text transformers' decode gives, on real text, chat markup, cut multi-byte characters and random ids."""
+    tok = qwen_pair.tokenizer
+    chat = qwen_pair.encode([{"role": "user", "content": "Natalia sold 48 clips, café ✓ \\boxed{72}"}])
+    text = tok("Natalia sold clips to 48 of her friends in April. ✓ 日本 \\frac{1}{2}<|im_end|> end").input_ids
+    generator = torch.Generator().manual_seed(0)
+    random_ids = [torch.randint(0, len(tok), (n,), generator=generator).tolist() for n in (1, 2, 7, 40)]
+    cases = [chat, text, *[text[:k] for k in range(1, len(text))], *random_ids]
+    for ids in cases:
+        assert qwen_pair.decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
+    assert "<|im_start|>" not in qwen_pair.decode(chat)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_decodes_through_transformers(qwen_pair, monkeypatch):
+    """Space clean-up (WordPiece's "a , b" -> "a, b") is transformers' post-processing, which the Rust decoder does
+    not do: such a tokenizer must go through transformers' decode."""
+    tok, calls = qwen_pair.tokenizer, []
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", True)
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: calls.append(ids) or "from transformers")
+    assert qwen_pair.decode([5, 6]) == "from transformers" and calls == [[5, 6]]

@@ -81,3 +81,21 @@ def test_incremental_text_stays_exact_when_a_split_changes_the_text():
     for n in range(1, len(ids) + 1):
         checker.update(ids[:n])
         assert checker.text == decode(ids[:n])
+
+
+def test_generated_ids_given_with_the_prompt_and_an_offset_read_the_same(tiny_pairs):
+    """The engine hands the checker prompt + generated ids and where the generated ones start, not a copy: text,
+    settling and the max_new_tokens count must be those of the generated ids alone."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_pairs["qwen2"][0])
+    prompt = tok("Question: what is 3×4? ").input_ids
+    generated = tok("Zoë paid 12€ — 3×4 = 12 ✓ 日本 and so on").input_ids * 2
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    alone, offset = StopChecker(decode, set(), ("so on",), 60), StopChecker(decode, set(), ("so on",), 60)
+    for n in range(1, len(generated) + 1):
+        a, b = alone.update(generated[:n]), offset.update(prompt + generated[:n], len(prompt))
+        assert (a, alone.text, alone.visible_chars) == (b, offset.text, offset.visible_chars), f"after {n} ids"
+        if a:
+            break
+    assert a == "stop" and offset.text == decode(generated[:n]).split("so on")[0]
