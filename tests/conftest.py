@@ -49,6 +49,20 @@ def first_train_problem() -> tuple[list[dict], str]:
     return messages, row["answer"].split("####")[-1].strip()
 
 
+def assert_both_models_wrote_the_right_answer(res, gold: str) -> None:
+    """The real-pair end-to-end check of every backend: the answer to `first_train_problem` ends on its own,
+    both models wrote and each took over at least once, the boxed answer is the gold one, and it cost less than
+    the large model alone."""
+    from ead.config import Role
+
+    s = res.stats
+    assert res.finish_reason == "stop", res.text
+    assert s.tokens_small > 0 and s.tokens_large > 0 and s.switches >= 2
+    assert {e.to for e in res.trace.switches} == {Role.SMALL, Role.LARGE}
+    assert f"\\boxed{{{gold}}}" in res.text.replace("\\$", "").replace("$", ""), res.text
+    assert 0 < s.cost_ratio < 1
+
+
 def build_tokenizer(vocab_size: int, corpus: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

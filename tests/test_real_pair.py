@@ -16,7 +16,7 @@ import torch
 import ead
 from ead.config import Role
 
-from conftest import first_train_problem
+from conftest import assert_both_models_wrote_the_right_answer, first_train_problem
 
 pytestmark = pytest.mark.real
 
@@ -35,12 +35,7 @@ def natalia(pair):
 
 def test_both_models_write_and_the_answer_is_right(natalia):
     _, res, gold = natalia
-    s = res.stats
-    assert res.finish_reason == "stop", res.text
-    assert s.tokens_small > 0 and s.tokens_large > 0 and s.switches >= 2
-    assert {e.to for e in res.trace.switches} == {Role.SMALL, Role.LARGE}
-    assert f"\\boxed{{{gold}}}" in res.text.replace("\\$", "").replace("$", ""), res.text
-    assert 0 < s.cost_ratio < 1
+    assert_both_models_wrote_the_right_answer(res, gold)
 
 
 def test_every_token_is_the_active_models_greedy_choice_without_cache(pair, natalia):

@@ -33,7 +33,7 @@ from ead.errors import ConfigError
 from ead.router import ScriptedRouter
 from ead.runner import ModelRunner, choose_backend
 
-from conftest import first_train_problem, gsm8k_questions, save_near_copy
+from conftest import assert_both_models_wrote_the_right_answer, first_train_problem, gsm8k_questions, save_near_copy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LLAMACPP, HF = EngineConfig(backend="llamacpp"), EngineConfig(backend="hf")
@@ -486,12 +486,7 @@ def natalia(real_pair):
 def test_real_pair_both_models_write_and_the_answer_is_right(natalia):
     """As tests/test_real_pair.py asserts for the hf backend, at the default tau."""
     _, res, gold = natalia
-    s = res.stats
-    assert res.finish_reason == "stop", res.text
-    assert s.tokens_small > 0 and s.tokens_large > 0 and s.switches >= 2
-    assert {e.to for e in res.trace.switches} == {Role.SMALL, Role.LARGE}
-    assert f"\\boxed{{{gold}}}" in res.text.replace("\\$", "").replace("$", ""), res.text
-    assert 0 < s.cost_ratio < 1
+    assert_both_models_wrote_the_right_answer(res, gold)
 
 
 @pytest.mark.real
