@@ -270,7 +270,6 @@ class EngineWorker:
                 sub.deliver(Failed(gone))
                 self._release(sub)
 
-
     def _send(self, *last: tuple) -> None:
         """Hand this round's commands to the other ranks (every round, even none: they step in lockstep)."""
         if self.mirror is not None:
