@@ -23,20 +23,24 @@ LABELS = {"small": "small only", "large": "large only", "ead-tau0.5": "EAD tau=0
           "random": "random F=0.300"}
 
 
+def write_run(d, config, label, dataset, rows, **extras):
+    """A run directory as `ead eval` leaves it: a manifest (pair of P_SMALL and P_LARGE parameters) and rows."""
+    d.mkdir(parents=True)
+    manifest = {"config": config, "label": label, "dataset": dataset,
+                "models": {"small": {"source": "s", "params": P_SMALL}, "large": {"source": "l", "params": P_LARGE}},
+                "grader": {"name": "math-verify", "version": "0.9.0"}, **extras}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
 def make_run(root, name):
     mode, tau, share, correct, (ts, tl), seconds = RUNS[name]
-    d = root / name
-    d.mkdir(parents=True)
-    manifest = {"config": {"mode": mode, "tau": tau, "large_share": share, "max_new_tokens": 2048},
-                "label": LABELS[name], "dataset": {"name": "math500", "sha256": "ab" * 32},
-                "models": {"small": {"source": "s", "params": P_SMALL}, "large": {"source": "l", "params": P_LARGE}},
-                "grader": {"name": "math-verify", "version": "0.9.0"}}
-    (d / "manifest.json").write_text(json.dumps(manifest))
     rows = [{"id": f"p{i}", "correct": bool(c), "tokens_small": ts, "tokens_large": tl, "seconds": seconds,
              "finish_reason": "length" if (name == "small" and i == 3) else "stop", "level": 1 + i % 2,
              "subject": "Algebra" if i < 2 else "Geometry"} for i, c in enumerate(correct)]
-    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
+    return write_run(root / name, {"mode": mode, "tau": tau, "large_share": share, "max_new_tokens": 2048},
+                     LABELS[name], {"name": "math500", "sha256": "ab" * 32}, rows)
 
 
 @pytest.fixture
@@ -142,16 +146,10 @@ SIGNAL_RUNS = {
 def signal_sweep(tmp_path):
     root = tmp_path / "signals"
     for name, (config, extras, label, correct, tokens) in SIGNAL_RUNS.items():
-        d = root / name
-        d.mkdir(parents=True)
-        manifest = {"config": {"max_new_tokens": 1024, "large_share": None, **config}, "label": label,
-                    "dataset": {"name": "gsm8k", "sha256": "cd" * 32}, "models": {
-                        "small": {"source": "s", "params": P_SMALL}, "large": {"source": "l", "params": P_LARGE}},
-                    "grader": {"name": "math-verify", "version": "0.9.0"}, **extras}
-        (d / "manifest.json").write_text(json.dumps(manifest))
         rows = [{"id": f"p{i}", "correct": bool(c), "tokens_small": ts, "tokens_large": tl, "seconds": 1.0,
                  "finish_reason": "stop"} for i, (c, (ts, tl)) in enumerate(zip(correct, tokens))]
-        (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_run(root / name, {"max_new_tokens": 1024, "large_share": None, **config}, label,
+                  {"name": "gsm8k", "sha256": "cd" * 32}, rows, **extras)
     return root
 
 
