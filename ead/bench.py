@@ -4,10 +4,11 @@ Random weights at the real shapes of named models (speed does not depend on the 
 downloaded), or the real default pair with `--models default`. One run prints, for each shape: the copy-
 bandwidth floor (every weight read once per step) and ead's batch-1 decode; and for the pair, at each batch
 size: transformers' eager `generate` (large model, batch 1), ead small-only, large-only, and EAD at each
-large share f, with the ideal f*T_large + (1-f)*T_small, T the time per step of the same run's small-only and
-large-only configurations at that batch size (host work included, as in EAD's), each row's time per
-token (latency), and the peak device memory of each configuration. JSON lines go to stdout (and --out),
-Markdown tables to stderr.
+large share f under each `--schedule` (exact; throughput, where large rounds carry the rows in small mode too and
+the realised large share exceeds the routed f; batch > 1 only, at batch 1 it is exact), with the ideal
+f*T_large + (1-f)*T_small at the routed f, T the time per step of the same run's small-only and large-only
+configurations at that batch size (host work included, as in EAD's), each row's time per token (latency), and
+the peak device memory of each configuration. JSON lines go to stdout (and --out), Markdown tables to stderr.
 
 EAD here is scripted: the paper's rule (window 5, d_min 10) applied to a synthetic entropy stream, one stream
 per row, with tau set so that the rule gives the large model the asked share. Rows therefore switch at their
@@ -40,7 +41,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ead.config import EngineConfig, Role, RouterConfig, SpeculativeConfig
+from ead.config import SCHEDULES, EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.errors import ConfigError
 from ead.router import Router, ScriptedRouter
 
@@ -240,7 +241,7 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
     from ead.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    before = (dict(engine.rounds), dict(engine.rows_stepped))
+    before = (dict(engine.rounds), dict(engine.rows_stepped), engine.ride_along_tokens)
     sync_engine(engine)
     t0 = time.perf_counter()
     results = engine.generate_many(prompts, params, routers)
@@ -255,12 +256,14 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
     steps = [s for r in results for s in r.trace.steps]
     one = {role: [s.step_ms for s in steps if s.role is role and s.fed_tokens == 1] for role in Role}
     n_large = sum(s.role is Role.LARGE for s in steps)
+    ride_along = engine.ride_along_tokens - before[2]  # large tokens of rows routed to the small model
     rounds = {f"rounds_{role.value}": engine.rounds[role] - before[0][role] for role in Role}
     rows = {f"rows_per_round_{role.value}": round((engine.rows_stepped[role] - before[1][role]) /
                                                   max(1, rounds[f"rounds_{role.value}"]), 2) for role in Role}
     return {**rounds, **rows,
             "rows": len(prompts), "tokens": len(steps), "seconds": seconds, "tok_per_s": len(steps) / seconds,
-            "large_share": n_large / len(steps),
+            "large_share": n_large / len(steps), "routed_large_share": (n_large - ride_along) / len(steps),
+            "ride_along_tokens": ride_along,
             "row_ms_per_token": statistics.mean(r.stats.seconds / len(r.token_ids) * 1e3 for r in results),
             "step_ms_small": statistics.median(one[Role.SMALL]) if one[Role.SMALL] else None,
             "step_ms_large": statistics.median(one[Role.LARGE]) if one[Role.LARGE] else None,
@@ -270,7 +273,8 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
 
 def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: str | None = None,
                batches: list[int] | None = None, shares: list[float] | None = None) -> None:
-    """small-only, large-only and EAD at each share, at each batch size, through one BatchEngine per size."""
+    """small-only, large-only and EAD at each share and schedule (`args.schedule`, default exact only), at each
+    batch size, through one BatchEngine per size."""
     from ead.engine import BatchEngine
 
     cfg = EngineConfig(backend=backend or args.backend, max_seq_tokens=args.prompt_tokens + args.tokens + 8,
@@ -286,25 +290,32 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
                 t0 = time.perf_counter()
                 engine.warm_up(args.prompt_tokens + args.tokens + 1)
                 out["capture_s"] = round(time.perf_counter() - t0, 2)
-                modes = {"small_only": [[Role.SMALL]] * batch, "large_only": [[Role.LARGE]] * batch}
+                modes = {"small_only": ([[Role.SMALL]] * batch, "exact"),
+                         "large_only": ([[Role.LARGE]] * batch, "exact")}
                 for f in args.shares if shares is None else shares:
-                    modes[f"ead_f{f:g}"] = [roles_for_share(args.tokens, f, seed=1000 * batch + i) for i in range(batch)]
+                    scripts = [roles_for_share(args.tokens, f, seed=1000 * batch + i) for i in range(batch)]
+                    for schedule in getattr(args, "schedule", ["exact"]):
+                        if schedule == "exact" or batch > 1:  # alone, a row's rounds are the same either way
+                            modes[f"ead_f{f:g}" + ("" if schedule == "exact" else f"_{schedule}")] = (scripts, schedule)
                 # warm-up, untimed: captures the graphs and compiles the kernels this batch size needs (every
-                # span the rows grow through, catch-up widths of typical switches)
-                run_engine(engine, prompts, args.tokens,
-                           [ScriptedRouter(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
+                # span the rows grow through, catch-up widths of typical switches, and of each schedule's rounds)
+                for schedule in sorted({schedule for _, schedule in modes.values()}):
+                    engine.schedule = schedule
+                    run_engine(engine, prompts, args.tokens,
+                               [ScriptedRouter(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
                 sync(pair.device)
                 timed = {}
-                for mode, scripts in modes.items():
-                    with memory_scope(pair.device, timed.setdefault(mode, {})):
+                for mode, (scripts, schedule) in modes.items():
+                    engine.schedule = schedule  # read each round; the rows and routers are new in each run
+                    with memory_scope(pair.device, timed.setdefault(mode, {"schedule": schedule})):
                         timed[mode].update(run_engine(engine, prompts, args.tokens, [ScriptedRouter(s) for s in scripts]))
                 del engine
             # Seconds per step of all rows, host work included, from the single-model runs of this batch size.
             t_small, t_large = (batch / timed[m]["tok_per_s"] for m in ("small_only", "large_only"))
             for mode, r in timed.items():
                 row = {**out, "mode": mode, **r}
-                if mode.startswith("ead"):
-                    f = r["large_share"]
+                if mode.startswith("ead"):  # the ideal of the routed share (ride-along tokens cost no extra round)
+                    f = r["routed_large_share"]
                     row["ideal_tok_per_s"] = batch / (f * t_large + (1 - f) * t_small)
                     row["of_ideal"] = row["tok_per_s"] / row["ideal_tok_per_s"]
                 row["vs_large_only"] = r["tok_per_s"] / timed["large_only"]["tok_per_s"]
@@ -408,6 +419,9 @@ def register(subparsers) -> None:
     p.add_argument("--pair", default="qwen2.5-1.5b:qwen2.5-14b", help="SMALL:LARGE shapes for the EAD rows ('' = none)")
     p.add_argument("--shares", default="0.1,0.25,0.43", help="large-token shares f for the scripted EAD rows")
     p.add_argument("--batch", default="1,4,16,64", help="batch sizes for the pair")
+    p.add_argument("--schedule", default="exact",
+                   help="comma-separated schedules for the EAD rows, side by side: exact (each row as alone), "
+                        "throughput (large rounds carry every row; batch > 1), e.g. exact,throughput")
     p.add_argument("--tokens", type=int, default=256, help="new tokens per row")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--hf-tokens", type=int, default=32, help="tokens for transformers' generate (0 = skip)")
@@ -447,6 +461,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     args.shares = [float(x) for x in args.shares.split(",") if x]
     args.batch = [int(x) for x in args.batch.split(",") if x]
+    args.schedule = [x for x in args.schedule.split(",") if x]
+    if not args.schedule or not set(args.schedule) <= set(SCHEDULES):
+        raise ConfigError(f"--schedule takes a comma-separated list of {', '.join(SCHEDULES)}, got {args.schedule}")
     if args.draft_confidence is not None and args.draft_confidence < 0:
         args.draft_confidence = None
     if (args.small is None) != (args.large is None):
@@ -516,8 +533,8 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['shape']} | {fl['params'] / 1e9:.2f}B | {fl['floor_tok_per_s']:.0f} | "
                          f"{r['tok_per_s']:.1f} | {r['step_ms_small']:.2f} | {r['floor_fraction']:.0%} | "
                          f"{r.get('peak_mem_gib', '')} |")
-    lines += ["", "| pair | batch | mode | f | tok/s | ideal tok/s | of ideal | vs large-only | row ms/token | "
-                  "switches | rounds small/large | rows per round | peak GiB | cudaMallocs |",
+    lines += ["", "| pair | batch | mode | f (routed) | tok/s | ideal tok/s | of ideal | vs large-only | "
+                  "row ms/token | switches | rounds small/large | rows per round | peak GiB | cudaMallocs |",
               "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["config"] == "hf_generate" and "tok_per_s" in r:
@@ -526,7 +543,10 @@ def markdown(rows: list[dict]) -> str:
         if r["config"] == "engine" and "pair" in r and "mode" in r:
             ideal = f"{r['ideal_tok_per_s']:.1f}" if "ideal_tok_per_s" in r else ""
             of = f"{r['of_ideal']:.1%}" if "of_ideal" in r else ""
-            lines.append(f"| {r['pair']} | {r['batch']} | {r['mode']} | {r['large_share']:.3f} | {r['tok_per_s']:.1f} "
+            f = f"{r['large_share']:.3f}"
+            if r.get("ride_along_tokens"):  # realised (routed)
+                f += f" ({r['routed_large_share']:.3f})"
+            lines.append(f"| {r['pair']} | {r['batch']} | {r['mode']} | {f} | {r['tok_per_s']:.1f} "
                          f"| {ideal} | {of} | {r['vs_large_only']:.2f}x | {r['row_ms_per_token']:.2f} | "
                          f"{r['switches']} | {r['rounds_small']}/{r['rounds_large']} | "
                          f"{r['rows_per_round_small']}/{r['rows_per_round_large']} | {r.get('peak_mem_gib', '')} | "

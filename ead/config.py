@@ -128,6 +128,10 @@ DTYPES = {"float32", "bfloat16", "float16"}
 # segments are written by speculation (see ead.speculative).
 MODES = ("ead", "speculative", "hybrid")
 
+# How a batch's rounds are chosen (ead.engine.BatchEngine): "exact" keeps every row's output what it is alone;
+# "throughput" lets a large round carry the rows in small mode too, for at least large-only throughput.
+SCHEDULES = ("exact", "throughput")
+
 
 @dataclass(frozen=True)
 class SpeculativeConfig:

@@ -13,9 +13,16 @@ group as their routers switch, so that a large step serves many rows. A group th
 `max_wait_steps` large-model steps is stepped next whatever its size, which bounds the latency this adds to a
 row. The engine counts rounds and rows per group in `rounds` and `rows_stepped`; BENCHMARKS.md has what this
 gives against large-only at each batch size, and why rows routed independently cannot always win. At batch 1
-there is only ever one group, and the rule is the paper's, token by token. With the models on two GPUs
-(`concurrent`), neither waits for the other: each round launches both groups' work, each on its own device, and
-syncs once.
+there is only ever one group, and the rule is the paper's, token by token.
+
+That is the "exact" schedule: every row writes what it writes alone. The "throughput" schedule (`schedule`)
+lets a large round carry the rows in small mode as well ("ride-along": they would only wait through it, and a
+memory-bound step costs about the same for more rows), and picks the round that advances more rows per second,
+so that no round is slower per token than a round of large-only decoding; the rows then get some of the large
+model's tokens they were not routed to, and their text depends on the company they keep (see `__init__`).
+
+With the models on two GPUs (`concurrent`), neither waits for the other: the large group's step is launched on
+its GPU, and the small group steps on the other, again and again, until that step is done (`_run_ahead`).
 
 Modes (`mode`): "ead" is the above. "speculative" gives every token to the large model through speculative
 decoding (`ead.speculative`: the small model drafts, the large one verifies a draft per pass), so the text is
@@ -26,6 +33,7 @@ speculation may add several tokens to a row.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ead.config import MODES, EngineConfig, Role, RouterConfig, SpeculativeConfig
+from ead.config import MODES, SCHEDULES, EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.errors import CacheCapacityError, ConfigError, RequestError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, VerifyEvent, summarize
 from ead.models.tensor_parallel import broadcast_from_first
@@ -86,17 +94,40 @@ class BatchEngine:
 
     def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
                  max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75, mode: str = "ead",
-                 speculative: SpeculativeConfig | None = None, sync: Callable[[Tensor], Tensor] | None = None) -> None:
+                 speculative: SpeculativeConfig | None = None, sync: Callable[[Tensor], Tensor] | None = None,
+                 schedule: str = "exact") -> None:
         """`sync`, for a model split across processes (ead.models.tensor_parallel): applied to each round's
         (rows, 5) summary of signals and tokens before the routers read it, e.g. `broadcast_from_first`, so
-        that one rank's sampler and routers decide for all. A pair whose large model is split (`pair.large_tp` > 1)
-        gets `broadcast_from_first` without asking."""
+        that one rank's sampler and routers decide for all (and to the round's choice of group, which reads
+        this rank's clock). A pair whose large model is split (`pair.large_tp` > 1) gets `broadcast_from_first`
+        without asking.
+
+        `schedule` (mode "ead" only): "exact" steps the two groups apart, so every row writes exactly what it
+        writes alone. "throughput" lets a large round carry the rows in small mode too: each such row gets the
+        large model's token, and its large cache catches up in the same pass, as after any switch. The token is
+        the large model's in every respect: its record has role LARGE (it counts toward the large share), and
+        the row's router observes the large model's signals for it, as for any token (the rolling mean covers
+        the last w generated tokens, whichever model wrote them). Nothing else about the router changes: it
+        observes the token as it observes any, so its mode changes only where its rule says so on the new mean,
+        and the token counts toward the dwell of the segment it is in (the small one); the row goes back to the
+        small group, not into a large segment (a budget router's share counts its routed tokens, which it
+        controls, not these, which cost no extra round).
+        A round is chosen by rows per second: the small group steps when n_small / T_small > n_all / T_large
+        (T the measured step times, `step_seconds`), else the large round carries every row, unless the large
+        group has waited more than `max_wait_steps` large steps, when it goes next. Every round then advances
+        at least as many rows per second as a large-only round, catch-up aside. A row's text now depends on
+        the rounds it shares with others, hence on timing: greedy runs need not repeat exactly."""
         if sync is None and getattr(pair, "large_tp", 1) > 1:
             sync = broadcast_from_first
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if schedule != "exact" and mode != "ead":
+            raise ConfigError(f"schedule {schedule!r} applies to mode 'ead' only (speculation writes large segments "
+                              f"in verification passes of their own), got mode {mode!r}; use schedule 'exact'")
         if sync is not None and mode != "ead":
             raise ConfigError(f"a tensor-parallel sync supports mode 'ead' only so far, got mode {mode!r}")
         self.sync = sync
@@ -108,6 +139,7 @@ class BatchEngine:
         if isinstance(large_fill, bool) or not isinstance(large_fill, (int, float)) or not 0 <= large_fill <= 1:
             raise ConfigError(f"large_fill must be a fraction in [0, 1], got {large_fill!r}")
         self.max_batch, self.max_wait_steps, self.large_fill = max_batch, max_wait_steps, large_fill
+        self.schedule = schedule
         models = {Role.SMALL: pair.small.model, Role.LARGE: pair.large.model}
         vocab = min(_vocab_size(m) for m in models.values())
         self.backend = choose_backend(list(models.values()), self.engine_cfg.backend, pair.device)
@@ -119,8 +151,9 @@ class BatchEngine:
         self.token_signals = torch.compile(token_signals, dynamic=True) if fuse else token_signals
         self.max_seq_tokens = min(r.max_seq_tokens for r in self.runners.values())
         self.mode, self.speculator = mode, None
-        # Models on two GPUs: a round steps both groups at once, each on its own device (see `step`).
-        devices = {_device(m) for m in models.values()}
+        # Models on two GPUs: the small group steps while the large group's step runs (see `_run_ahead`).
+        self.devices = {role: _device(m) for role, m in models.items()}
+        devices = set(self.devices.values())
         self.concurrent = len(devices) == 2 and all(d is not None and d.type == "cuda" for d in devices)
         if mode != "ead" and len(devices) > 1:
             raise ConfigError(f"mode {mode!r} compares both models' distributions on one device, but the models sit "
@@ -139,6 +172,7 @@ class BatchEngine:
         self.waited = {Role.SMALL: 0.0, Role.LARGE: 0.0}  # seconds each group has waited with rows in it
         self.rounds = {Role.SMALL: 0, Role.LARGE: 0}
         self.rows_stepped = {Role.SMALL: 0, Role.LARGE: 0}
+        self.ride_along_tokens = 0  # large-model tokens of rows in small mode (the throughput schedule)
 
     @property
     def running(self) -> int:
@@ -210,11 +244,17 @@ class BatchEngine:
                 self.slots[slot] = seq
 
     def _choose_group(self, groups: dict[Role, list[Sequence]]) -> Role:
-        """Which group steps this round (see the module docstring)."""
+        """Which group steps this round (see the module docstring, and `__init__` for the throughput rule)."""
         nonempty = [role for role, rows in groups.items() if rows]
+        bound = self.max_wait_steps * self.step_seconds[Role.LARGE]
+        if self.schedule == "throughput":  # a small round advances the small rows, a large round every row
+            if groups[Role.LARGE] and self.waited[Role.LARGE] > bound:
+                return Role.LARGE
+            n_small, n_all = len(groups[Role.SMALL]), len(groups[Role.SMALL]) + len(groups[Role.LARGE])
+            faster = n_small / self.step_seconds[Role.SMALL] > n_all / self.step_seconds[Role.LARGE]
+            return Role.SMALL if faster else Role.LARGE
         if len(nonempty) == 1:
             return nonempty[0]
-        bound = self.max_wait_steps * self.step_seconds[Role.LARGE]
         starved = [role for role in nonempty if self.waited[role] > bound]
         if starved:
             return max(starved, key=lambda role: self.waited[role])
@@ -222,8 +262,10 @@ class BatchEngine:
         return Role.LARGE if n_large >= self.large_fill * (n_large + n_small) else Role.SMALL
 
     def step(self) -> list[tuple[Sequence, StepRecord]]:
-        """One round: one new token for each sequence of the chosen group. Sequences that finish free their
-        slot; queued ones join at the next round. Returns (sequence, record) per new token."""
+        """One round: one new token for each sequence of the chosen group (under the throughput schedule a large
+        round gives one to every sequence; on two GPUs the small group may take several, see `_run_ahead`).
+        Sequences that finish free their slot; queued ones join at the next round. Returns (sequence, record)
+        per new token."""
         self._admit()
         active = [seq for seq in self.slots if seq is not None]
         if not active:
@@ -232,9 +274,18 @@ class BatchEngine:
             groups = {Role.SMALL: [], Role.LARGE: active}
         else:
             groups = {role: [seq for seq in active if seq.router.active is role] for role in Role}
-        # Models on two GPUs step both groups each round: the large group's work is launched, then the small
-        # group's, and the sync below waits for both at once. On one device, one group per round.
-        roles = [Role.LARGE, Role.SMALL] if self.concurrent and all(groups.values()) else [self._choose_group(groups)]
+        both = all(groups.values())
+        if self.concurrent and both and self.sync is None:
+            return self._run_ahead(groups)
+        if self.concurrent and both:  # ranks must issue their collectives in one order: both groups, one sync
+            roles = [Role.LARGE, Role.SMALL]
+        else:  # one device: one group per round
+            roles = [self._choose_group(groups)]
+            if self.sync is not None and both:
+                # The choice reads this rank's clock (waits, step times), which differs between ranks: rank 0's
+                # stands for all, or the ranks would step different models and their collectives would not meet.
+                first = self.sync(torch.tensor([float(roles[0] is Role.LARGE)], device=self.pair.device))
+                roles = [Role.LARGE if first.item() else Role.SMALL]
         t0 = time.perf_counter()
         if roles == [Role.LARGE] and self.speculator is not None:
             # The small model drafts and the large one verifies every row's draft in one pass (one host sync
@@ -243,20 +294,69 @@ class BatchEngine:
             verdicts = self.speculator.run(rows)
             step_ms = self._account(Role.LARGE, groups, rows, t0)
             return [event for seq, v in zip(rows, verdicts) for event in self._emit(seq, v, step_ms)]
-        launched = {role: self._launch(groups[role], self.runners[role]) for role in roles}  # role -> (feeds, summary)
+        rows = {role: groups[role] for role in roles}
+        if roles == [Role.LARGE] and self.schedule == "throughput":
+            rows[Role.LARGE] = active  # the rows in small mode ride along (see __init__)
+            self.ride_along_tokens += len(groups[Role.SMALL])
+        launched = {role: self._launch(rows[role], self.runners[role]) for role in roles}  # role -> (feeds, summary)
 
         # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
         if self.sync is not None:
             launched = {role: (feeds, self.sync(summary.contiguous())) for role, (feeds, summary) in launched.items()}
         values = {role: summary.tolist() for role, (_, summary) in launched.items()}
-        waiting = {role: [] if role in roles else groups[role] for role in Role}  # rows of a group not stepped
+        stepped = {seq for role in roles for seq in rows[role]}
+        waiting = {role: [seq for seq in groups[role] if seq not in stepped] for role in Role}
 
         events = []
         for role, (feeds, _) in launched.items():
-            step_ms = self._account(role, waiting, groups[role], t0)
-            for seq, fed, row in zip(groups[role], feeds, values[role]):
+            step_ms = self._account(role, waiting, rows[role], t0)
+            for seq, fed, row in zip(rows[role], feeds, values[role]):
                 events.append((seq, self._advance(seq, role, fed, row, step_ms)))
         return events
+
+    def _run_ahead(self, groups: dict[Role, list[Sequence]]) -> list[tuple[Sequence, StepRecord]]:
+        """A round with the models on two GPUs. The large group's step is launched on its device (a graph
+        replay: nothing waits for it), then the small group steps on the other device, each step synced on that
+        device alone, until the large step is done or `run_ahead_cap` small steps have run; the large group's
+        tokens are read last. A row that its router hands to the large model leaves the small group for the next
+        round, so each row's tokens still come one after another. Returns (sequence, record) per new token."""
+        t0 = time.perf_counter()
+        feeds, summary = self._launch(groups[Role.LARGE], self.runners[Role.LARGE])
+        done, t_done = self._mark_done(Role.LARGE), None
+        events, small, nobody = [], groups[Role.SMALL], {Role.SMALL: [], Role.LARGE: []}  # nobody waits
+        for _ in range(self.run_ahead_cap()):
+            t1 = time.perf_counter()
+            small_feeds, small_summary = self._launch(small, self.runners[Role.SMALL])
+            values = small_summary.tolist()  # a host sync on the small model's device only
+            step_ms = self._account(Role.SMALL, nobody, small, t1)
+            events += [(seq, self._advance(seq, Role.SMALL, fed, row, step_ms))
+                       for seq, fed, row in zip(small, small_feeds, values)]
+            small = [seq for seq in small if seq.finish_reason is None and seq.router.active is Role.SMALL]
+            if done.query():
+                t_done = time.perf_counter()  # late by at most one small step
+                break
+            if not small:
+                break
+        values = summary.tolist()  # waits for the large step if it still runs
+        step_ms = self._account(Role.LARGE, nobody, groups[Role.LARGE], t0, t_done)
+        events += [(seq, self._advance(seq, Role.LARGE, fed, row, step_ms))
+                   for seq, fed, row in zip(groups[Role.LARGE], feeds, values)]
+        return events
+
+    def run_ahead_cap(self) -> int:
+        """Most small steps per large step on two GPUs: as many as fit in a large step (measured step times), and
+        one more for the measurements' error."""
+        return math.ceil(self.step_seconds[Role.LARGE] / max(self.step_seconds[Role.SMALL], 1e-9)) + 1
+
+    def _mark_done(self, role: Role) -> torch.cuda.Event | _Ran:
+        """A marker whose `query()` is True once the work queued so far on `role`'s device has run: a CUDA event on
+        the device's current stream; elsewhere the work ran as it was queued."""
+        device = self.devices[role]
+        if device is None or device.type != "cuda":
+            return _Ran()
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
 
     def _launch(self, rows: list[Sequence],
                 runner: NativeBatchRunner | HFBatchRunner) -> tuple[list[list[int]], Tensor]:
@@ -279,10 +379,11 @@ class BatchEngine:
             summary = torch.cat([self.token_signals(logits), tokens[:, None].float()], dim=1)
         return feeds, summary
 
-    def _account(self, role: Role, groups: dict[Role, list[Sequence]], rows: list[Sequence], t0: float) -> float:
-        """Book a round of `role` started at `t0` (step time, waits, counters); returns its duration in ms. A group
-        of `groups` other than `role` with rows waited this round."""
-        step_ms = (time.perf_counter() - t0) * 1e3
+    def _account(self, role: Role, groups: dict[Role, list[Sequence]], rows: list[Sequence], t0: float,
+                 t_end: float | None = None) -> float:
+        """Book a round of `role` from `t0` to `t_end` (default now): step time, waits, counters; returns its
+        duration in ms. A group of `groups` other than `role` with rows waited this round."""
+        step_ms = ((time.perf_counter() if t_end is None else t_end) - t0) * 1e3
         self._measure(role, step_ms / 1e3)
         for other in Role:
             self.waited[other] = 0.0 if other is role or not groups[other] else self.waited[other] + step_ms / 1e3
@@ -381,8 +482,9 @@ class Engine:
     """One sequence at a time: a BatchEngine with one slot, driven step by step (the CLI's streaming path)."""
 
     def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
-                 mode: str = "ead", speculative: SpeculativeConfig | None = None) -> None:
-        self.batch = BatchEngine(pair, cfg, engine_cfg, max_batch=1, mode=mode, speculative=speculative)
+                 mode: str = "ead", speculative: SpeculativeConfig | None = None, schedule: str = "exact") -> None:
+        self.batch = BatchEngine(pair, cfg, engine_cfg, max_batch=1, mode=mode, speculative=speculative,
+                                 schedule=schedule)
         self.pair, self.cfg, self.engine_cfg = pair, self.batch.cfg, self.batch.engine_cfg
         self.backend, self.runners, self.max_seq_tokens = self.batch.backend, self.batch.runners, self.batch.max_seq_tokens
 
@@ -416,6 +518,13 @@ class Engine:
         return self.result(seq)
 
 
+class _Ran:
+    """`_mark_done` on a device that runs work as it is queued (the CPU): done at once."""
+
+    def query(self) -> bool:
+        return True
+
+
 def _vocab_size(model) -> int:
     """Output width of a transformers model, of ead's decoder, or of another backend's model handle."""
     return model.args.vocab_size if hasattr(model, "args") else model.config.vocab_size
@@ -431,14 +540,15 @@ def _device(model) -> torch.device | None:
 def generate(pair: ModelPair, prompts: Prompt | list[Prompt], config: RouterConfig | None = None,
              sampling: SamplingParams | list[SamplingParams] | None = None, engine_config: EngineConfig | None = None,
              max_batch: int = 16, routers: list[RoutingPolicy] | None = None, mode: str = "ead",
-             speculative: SpeculativeConfig | None = None) -> list[GenerateResult]:
+             speculative: SpeculativeConfig | None = None, schedule: str = "exact") -> list[GenerateResult]:
     """EAD on each input: a plain prompt (str) or chat messages (list of {'role', 'content'} dicts), or a list
     of those, run `max_batch` at a time, each routed on its own. Returns one GenerateResult per input, in order.
-    With greedy decoding (or a seed per request) each output is the one that input gets alone. `mode`
-    "speculative" or "hybrid" (drafting set by `speculative`) is described in the module docstring."""
+    With greedy decoding (or a seed per request) and `schedule` "exact" each output is the one that input gets
+    alone; "throughput" trades that for speed (BatchEngine). `mode` "speculative" or "hybrid" (drafting set by
+    `speculative`) is described in the module docstring."""
     batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
     engine = BatchEngine(pair, config, engine_config, max_batch=max(1, min(max_batch, len(batch))), mode=mode,
-                         speculative=speculative)
+                         speculative=speculative, schedule=schedule)
     return engine.generate_many([pair.encode(p) for p in batch], sampling, routers)
 
 

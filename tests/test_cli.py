@@ -67,6 +67,7 @@ def test_trace_html_is_a_self_contained_page(capsys, models, tmp_path):
     (["--temperature", "-0.5"], "ConfigError: temperature must be"),
     (["--top-p", "0"], "ConfigError: top_p must be in (0, 1]"),
     (["--max-new-tokens", "0"], "ConfigError: max_new_tokens must be"),
+    (["--mode", "speculative", "--schedule", "throughput"], "ConfigError: schedule 'throughput' applies to mode"),
 ])
 def test_invalid_settings_exit_2_with_one_line(capsys, models, argv, message):
     code, out, err = run(capsys, "generate", *models, *argv, "Hello")

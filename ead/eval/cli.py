@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ead.cli import add_model_args, load
+from ead.cli import add_model_args, add_schedule_arg, load
 from ead.config import BACKENDS, DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS
 from ead.errors import ConfigError
 from ead.eval.datasets import BUILTIN, Dataset, load_dataset
@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--large-share-from", metavar="EAD_RUN_DIR",
                     help="for --mode random: F = the measured large share of that finished run")
     ev.add_argument("--out", required=True, metavar="RUN_DIR", help="where results.jsonl and manifest.json go")
+    add_schedule_arg(ev, "with --batch > 1, modes ead, budget and random; the run's manifest keeps it and a resumed "
+                         "run must repeat it")
     ev.set_defaults(handler=cmd_eval)
 
     sw = sub.add_parser("sweep", help="small, large, EAD at several tau and random controls, one loaded pair",
@@ -139,7 +141,7 @@ def _spec(args: argparse.Namespace, dataset: Dataset, mode: str, tau: float | No
     return RunSpec(dataset=dataset.name, mode=mode, small=args.small, large=args.large, tau=tau, large_share=share,
                    window=args.window, d_min=args.d_min, seed=args.seed, max_new_tokens=budget,
                    temperature=args.temperature, top_p=args.top_p, backend=args.backend, device=args.device,
-                   dtype=args.dtype, signal=signal, tau_down=tau_down)
+                   dtype=args.dtype, signal=signal, tau_down=tau_down, schedule=getattr(args, "schedule", "exact"))
 
 
 def _calibration(path: str, signal: str | None, args: argparse.Namespace) -> tuple[float, str, dict]:
@@ -164,14 +166,15 @@ def _calibration(path: str, signal: str | None, args: argparse.Namespace) -> tup
 
 def _lazy_engine(args: argparse.Namespace, budget: int,
                  calibrations: list[tuple[str, RoutingConfig]] = ()) -> Callable[[str], tuple]:
-    """get(engine mode) -> (engine, models description, batch), with a context for `budget` new tokens. The pair
-    is loaded on the first call and shared by every run; one engine per engine mode ("ead" for small, large, ead, budget and random runs). Each
-    (calibration file, routing) is checked against the pair as it loads: a tau does not carry over to another."""
+    """get(engine mode, schedule) -> (engine, models description, batch), with a context for `budget` new tokens.
+    The pair is loaded on the first call and shared by every run; one engine per engine mode ("ead" for small,
+    large, ead, budget and random runs) and schedule. Each (calibration file, routing) is checked against the pair
+    as it loads: a tau does not carry over to another."""
     pairs: list = []
-    engines: dict[str, tuple] = {}
+    engines: dict[tuple[str, str], tuple] = {}
 
-    def get(mode: str = "ead") -> tuple:
-        if mode not in engines:
+    def get(mode: str = "ead", schedule: str = "exact") -> tuple:
+        if (mode, schedule) not in engines:
             import ead.engine
             from ead.calibrate import load_calibration
             from ead.config import EngineConfig, RouterConfig
@@ -183,11 +186,12 @@ def _lazy_engine(args: argparse.Namespace, budget: int,
             pair, batch = pairs[0], max(1, args.batch)
             cfg = EngineConfig(backend=args.backend, max_seq_tokens=eval_context(pair, budget))
             if batch > 1:
-                engine = ead.engine.BatchEngine(pair, RouterConfig(), cfg, max_batch=batch, mode=mode)
+                engine = ead.engine.BatchEngine(pair, RouterConfig(), cfg, max_batch=batch, mode=mode,
+                                                schedule=schedule)
             else:
-                engine = ead.engine.Engine(pair, RouterConfig(), cfg, mode=mode)
-            engines[mode] = (engine, describe_models(pair), batch)
-        return engines[mode]
+                engine = ead.engine.Engine(pair, RouterConfig(), cfg, mode=mode, schedule=schedule)
+            engines[mode, schedule] = (engine, describe_models(pair), batch)
+        return engines[mode, schedule]
 
     return get
 
@@ -214,7 +218,7 @@ def _run(state: RunState, get: Callable[[], tuple], args: argparse.Namespace, ex
     if state.finished:
         print(f"{state.out}: all {len(state.problems)} problems done; nothing to run", file=sys.stderr)
         return
-    engine, models, batch = get(state.spec.engine_mode)
+    engine, models, batch = get(state.spec.engine_mode, state.spec.schedule)
     execute_run(state, engine, models, batch, progress=not args.no_progress, extra=extra)
 
 

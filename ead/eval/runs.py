@@ -23,7 +23,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ead.config import DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, Role
+from ead.config import DEFAULT_MIN_DWELL_TOKENS, DEFAULT_THRESHOLD_BITS, DEFAULT_WINDOW_TOKENS, SCHEDULES, Role
 from ead.errors import ConfigError
 from ead.eval.control import RandomRouter, problem_seed
 from ead.eval.datasets import Dataset, Problem
@@ -40,6 +40,8 @@ MODES = ("small", "large", "ead", "budget", "random", "speculative", "hybrid")
 ROUTED_MODES = ("ead", "budget", "hybrid")
 # The engine mode each run mode needs: speculation changes how the engine steps, routing does not.
 ENGINE_MODES = {"speculative": "speculative", "hybrid": "hybrid"}
+# Modes in which both models write by routing, where the batch schedule can change the text (BatchEngine).
+SCHEDULED_MODES = ("ead", "budget", "random")
 MANIFEST, RESULTS = "manifest.json", "results.jsonl"
 
 
@@ -53,7 +55,9 @@ class RunSpec:
     "random" gives d_min-token segments to the large model with probability `large_share`. "speculative" is the
     large model's text through speculative decoding (the engine's defaults, 4 drafted tokens a pass): its
     accuracy must equal "large"'s, which `ead sweep` checks. `small`/`large` None mean the default pair;
-    `device`/`dtype` None the automatic choice.
+    `device`/`dtype` None the automatic choice. `schedule` "throughput" (modes ead, budget, random) lets the
+    batch engine's large rounds write tokens of rows routed to the small model (ead.engine.BatchEngine): the
+    answers then depend on the batch and on timing, and the large share exceeds the routed one.
     """
 
     dataset: str
@@ -75,10 +79,16 @@ class RunSpec:
     # Added after the first runs were made: a manifest without these keys holds their defaults (check_resumable).
     signal: str = "entropy"
     tau_down: float | None = None
+    schedule: str = "exact"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule != "exact" and self.mode not in SCHEDULED_MODES:
+            raise ConfigError(f"--schedule {self.schedule} applies to modes {', '.join(SCHEDULED_MODES)}, where both "
+                              f"models write by routing; mode {self.mode!r} would not change, so drop --schedule")
         if self.mode in ("ead", "hybrid") and self.tau is None:
             raise ConfigError(f"mode {self.mode!r} needs a threshold: pass --tau, e.g. --tau 0.5")
         if self.mode == "budget" and self.tau is None:  # the controller's start; a calibrated tau is a better one
@@ -132,7 +142,12 @@ class RunSpec:
         return ENGINE_MODES.get(self.mode, "ead")
 
     def label(self) -> str:
-        """E.g. "EAD tau=0.5", "EAD varentropy tau=0.8", "EAD tau=0.4/0.2 (hysteresis)", "EAD budget 25%"."""
+        """E.g. "EAD tau=0.5", "EAD varentropy tau=0.8", "EAD tau=0.4/0.2 (hysteresis)", "EAD budget 25%"; the
+        throughput schedule adds ", throughput schedule"."""
+        schedule = "" if self.schedule == "exact" else f", {self.schedule} schedule"
+        return self._rule_label() + schedule
+
+    def _rule_label(self) -> str:
         if self.mode == "speculative":
             return "speculative"
         if self.mode == "random":

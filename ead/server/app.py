@@ -294,22 +294,24 @@ def error_response(error: APIError) -> JSONResponse:
 
 def create_app(pair: ModelPair, cfg: ServeConfig, engine_cfg: EngineConfig | None = None, max_batch: int = 16,
                max_queue: int = 64, mode: str = "ead", speculative: SpeculativeConfig | None = None,
-               mirror: Callable[[list[tuple]], None] | None = None) -> Starlette:
+               mirror: Callable[[list[tuple]], None] | None = None, schedule: str = "exact") -> Starlette:
     """The whole server for one loaded pair: a BatchEngine of `max_batch` slots on its own thread, at most
-    `max_queue` more requests waiting, the routes. `mode` ("ead", "speculative" or "hybrid") is the engine's,
-    the same for every request. `mirror`: rank 0 of a tensor-parallel pair sends each round's commands to the
-    other ranks through it (ead.server.worker.follow). `app.state` holds `worker` and `metrics` for inspection."""
+    `max_queue` more requests waiting, the routes. `mode` ("ead", "speculative" or "hybrid") and `schedule`
+    ("exact" or "throughput", see BatchEngine) are the engine's, the same for every request. `mirror`: rank 0 of
+    a tensor-parallel pair sends each round's commands to the other ranks through it (ead.server.worker.follow).
+    `app.state` holds `worker` and `metrics` for inspection."""
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
         raise ConfigError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     metrics = ServerMetrics()
-    worker = EngineWorker(pair, engine_factory(pair, cfg, engine_cfg, max_batch, mode, speculative), metrics,
-                          capacity=max_batch + max_queue, mirror=mirror)
+    worker = EngineWorker(pair, engine_factory(pair, cfg, engine_cfg, max_batch, mode, speculative, schedule),
+                          metrics, capacity=max_batch + max_queue, mirror=mirror)
     app = build_app(worker, metrics, cfg)
     app.state.worker, app.state.metrics = worker, metrics
     return app
 
 
 def engine_factory(pair: ModelPair, cfg: ServeConfig, engine_cfg: EngineConfig | None, max_batch: int, mode: str,
-                   speculative: SpeculativeConfig | None) -> Callable[[], BatchEngine]:
+                   speculative: SpeculativeConfig | None, schedule: str = "exact") -> Callable[[], BatchEngine]:
     """How the server builds its engine (again after a failure); every rank of a tensor-parallel server alike."""
-    return lambda: BatchEngine(pair, cfg.router, engine_cfg, max_batch=max_batch, mode=mode, speculative=speculative)
+    return lambda: BatchEngine(pair, cfg.router, engine_cfg, max_batch=max_batch, mode=mode, speculative=speculative,
+                               schedule=schedule)

@@ -35,7 +35,7 @@ EXAMPLES = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ead.cli import add_model_args, add_parallel_args
+    from ead.cli import add_model_args, add_parallel_args, add_schedule_arg
 
     p = subparsers.add_parser("serve", help="serve EAD over an OpenAI-compatible HTTP API",
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -68,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     srv.add_argument("--model-name", default="ead", help="the model id clients send and /v1/models lists "
                                                          "(default 'ead')")
     srv.add_argument("--max-batch", type=int, default=16, help="requests generated together (default 16)")
+    add_schedule_arg(srv, "it applies to every request (docs/engine.md)")
     srv.add_argument("--max-queue", type=int, default=64,
                      help="requests waiting for a batch slot before new ones get 429 (default 64)")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413 (default 1 MiB)")
@@ -112,11 +113,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         send, receive = rank0_channel()
         if dist.get_rank() > 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops rank 0's server, which then stops this rank
-            follow(engine_factory(pair, cfg, engine_cfg, args.max_batch, args.mode, speculative), receive)
+            follow(engine_factory(pair, cfg, engine_cfg, args.max_batch, args.mode, speculative, args.schedule),
+                   receive)
             return 0
         mirror = send
     app = create_app(pair, cfg, engine_cfg, max_batch=args.max_batch, max_queue=args.max_queue, mode=args.mode,
-                     speculative=speculative, mirror=mirror)
+                     speculative=speculative, mirror=mirror, schedule=args.schedule)
     print(f"serving {args.model_name!r} ({pair.small.source} -> {pair.large.source}) at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -163,6 +163,17 @@ def test_batch_flag(reference, models, tmp_path, capsys):
     assert same(rows_of(tmp_path / "run")) == [r for r in same(rows_of(reference)) if r["id"] < "gsm8k-0006"]
 
 
+def test_schedule_flag_is_kept_in_the_manifest_and_checked_on_resume(models, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(eval_args(models, out, "--limit", "3", "--tau", "0.5", "--batch", "3", "--schedule", "throughput")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["schedule"] == "throughput" and manifest["label"] == "EAD tau=0.5, throughput schedule"
+    assert len(rows_of(out)) == 3
+    capsys.readouterr()
+    assert main(eval_args(models, out, "--limit", "4", "--tau", "0.5", "--batch", "3")) == 2  # exact: refused
+    assert "schedule='throughput' -> 'exact'" in capsys.readouterr().err
+
+
 def test_sweep_then_report(models, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", "--dataset", "gsm8k", "--taus", "0.5,9", "--random-shares-from-ead", "--limit", "2",

@@ -173,6 +173,8 @@ def test_budget_rows_carry_their_realised_share(tmp_path, synthetic):
     ({"mode": "small", "signal": "top1"}, "apply to modes ead, budget, hybrid"),
     ({"mode": "random", "large_share": 0.2, "tau_down": 0.1}, "apply to modes ead, budget, hybrid"),
     ({"mode": "small", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"mode": "ead", "tau": 0.5, "schedule": "fast"}, "schedule must be one of exact, throughput"),
+    ({"mode": "large", "schedule": "throughput"}, "applies to modes ead, budget, random"),
 ])
 def test_bad_specs(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -190,13 +192,14 @@ def test_resume_refuses_other_settings(tmp_path, synthetic):
 
 
 def test_a_manifest_older_than_the_signals_still_resumes(tmp_path, synthetic):
-    """Runs made before RunSpec had `signal` and `tau_down` have manifests without them (as those in
-    evaluation/*.tgz): the defaults stand in, so the same settings resume and another signal is refused."""
+    """Runs made before RunSpec had `signal`, `tau_down` and `schedule` have manifests without them (as those in
+    evaluation/*.tgz): the defaults stand in, so the same settings resume and another signal or schedule is
+    refused."""
     dataset, outputs = synthetic
     spec = RunSpec(dataset=dataset.name, mode="ead", tau=0.5)
     execute_run(open_run(tmp_path, spec, dataset, limit=2), ScriptedEngine(outputs), {}, progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    del manifest["config"]["signal"], manifest["config"]["tau_down"]
+    del manifest["config"]["signal"], manifest["config"]["tau_down"], manifest["config"]["schedule"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     state = open_run(tmp_path, spec, dataset)
     assert [p.id for p in state.pending] == ["line-3", "line-4", "line-5"]
@@ -206,6 +209,8 @@ def test_a_manifest_older_than_the_signals_still_resumes(tmp_path, synthetic):
         open_run(tmp_path, RunSpec(dataset=dataset.name, mode="ead", tau=0.5, signal="top1"), dataset)
     with pytest.raises(ConfigError, match="tau_down=None -> 0.25"):
         open_run(tmp_path, RunSpec(dataset=dataset.name, mode="ead", tau=0.5, tau_down=0.25), dataset)
+    with pytest.raises(ConfigError, match="schedule='exact' -> 'throughput'"):
+        open_run(tmp_path, RunSpec(dataset=dataset.name, mode="ead", tau=0.5, schedule="throughput"), dataset)
 
 
 def test_read_rows_drops_a_cut_line(tmp_path):

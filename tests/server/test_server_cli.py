@@ -23,9 +23,21 @@ def test_serve_flags_and_defaults():
     args = build_parser().parse_args(["serve"])
     assert args.handler is cmd_serve and args.small is None and args.large is None  # the default pair
     assert (args.host, args.port, args.api_key, args.max_batch, args.max_queue) == ("127.0.0.1", 8000, None, 16, 64)
+    assert args.schedule == "exact"
     args = build_parser().parse_args(["serve", "--small", "a", "--large", "b", "--tau", "1.5", "--window", "3",
-                                      "--d-min", "2", "--max-batch", "4", "--max-queue", "0", "--api-key", "k"])
+                                      "--d-min", "2", "--max-batch", "4", "--max-queue", "0", "--api-key", "k",
+                                      "--schedule", "throughput"])
     assert (args.tau, args.window, args.d_min, args.max_batch, args.max_queue) == (1.5, 3, 2, 4, 0)
+    assert args.schedule == "throughput"
+
+
+def test_the_schedule_reaches_the_engine(tiny_pairs):
+    from ead.server.app import ServeConfig, create_app
+
+    pair = ead.load_pair(*tiny_pairs["qwen2"], device="cpu")
+    assert create_app(pair, ServeConfig(), max_batch=2).state.worker.engine.schedule == "exact"
+    assert create_app(pair, ServeConfig(), max_batch=2, schedule="throughput").state.worker.engine.schedule == \
+        "throughput"
 
 
 def start_server(small: str, large: str, *flags: str) -> tuple[subprocess.Popen, int]:

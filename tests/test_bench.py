@@ -1,0 +1,36 @@
+"""`ead bench` on the CPU at tiny shapes: the schedules side by side, each EAD row labelled, the realised and
+routed large shares consistent with the ride-along tokens counted."""
+
+import json
+
+import pytest
+
+from ead.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bench_runs_each_schedule_side_by_side(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    argv = ["bench", "--pair", "tiny:tiny-large", "--batch", "1,3", "--tokens", "12", "--prompt-tokens", "8",
+            "--hf-tokens", "0", "--gamma", "0", "--shares", "0.4", "--device", "cpu", "--schedule",
+            "exact,throughput", "--out", str(out)]
+    assert main(argv) == 0
+    rows = [r for r in map(json.loads, out.read_text().splitlines()) if r.get("config") == "engine"]
+    assert not [r for r in rows if "error" in r]
+    modes = {(r["batch"], r["mode"]): r for r in rows}
+    assert set(modes) == {(1, "small_only"), (1, "large_only"), (1, "ead_f0.4"),  # batch 1: exact only
+                          (3, "small_only"), (3, "large_only"), (3, "ead_f0.4"), (3, "ead_f0.4_throughput")}
+    for r in rows:
+        assert r["schedule"] == ("throughput" if r["mode"].endswith("_throughput") else "exact")
+        assert r["large_share"] - r["routed_large_share"] == pytest.approx(r["ride_along_tokens"] / r["tokens"])
+        assert r["row_ms_per_token"] > 0 and r["vs_large_only"] > 0
+    assert modes[3, "ead_f0.4"]["ride_along_tokens"] == 0  # exact: every token by the routed model
+    # The same scripted routes under both schedules.
+    assert modes[3, "ead_f0.4"]["routed_large_share"] == modes[3, "ead_f0.4_throughput"]["routed_large_share"]
+    assert "| 3 | ead_f0.4_throughput |" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_unknown_schedule(capsys):
+    assert main(["bench", "--pair", "", "--device", "cpu", "--schedule", "exact,fast"]) == 2
+    assert "--schedule takes a comma-separated list of exact, throughput" in capsys.readouterr().err
