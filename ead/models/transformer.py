@@ -9,6 +9,7 @@ positions as tensors and never branches on tensor values, so decode can be captu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,19 +163,27 @@ def step_inputs(positions: Tensor, valid_lengths: Tensor, inv_freq: Tensor, tras
 class Kernels:
     """The elementwise parts of a step, apart from the matrix products. Eager, a decode step of one layer is
     about 40 small kernels, each a few microseconds, and at batch 1 they cost more than reading the weights;
-    `Kernels.compiled()` runs each function as one or two torch.compile'd (Triton) kernels, leaving the matrix
-    products and attention to cuBLAS and SDPA."""
+    `Kernels.compiled(device)` runs each function as one or two torch.compile'd (Triton) kernels, leaving the
+    matrix products to cuBLAS. `decode_attention` (None: SDPA) attends one query per row over each row's own
+    keys (see attention_kernel.py); `compiled` sets it on CUDA where triton imports."""
 
-    def __init__(self, wrap=lambda fn: fn) -> None:
+    def __init__(self, wrap=lambda fn: fn, decode_attention: Callable[..., Tensor] | None = None) -> None:
         self.rms_norm, self.add_rms_norm, self.rope_store = wrap(rms_norm), wrap(add_rms_norm), wrap(rope_store)
         self.silu_mul, self.step_inputs = wrap(silu_mul), wrap(step_inputs)
+        self.decode_attention = decode_attention
 
     @classmethod
-    def compiled(cls) -> Kernels:
+    def compiled(cls, device: torch.device | str = "cuda") -> Kernels:
         # Batch and width 1 are specialised apart from larger sizes, so each function compiles a few times
         # (decode, catch-up, prefill; batch 1 and more); the default limit of 8 per function is too tight.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        return cls(lambda fn: torch.compile(fn, fullgraph=True, dynamic=True))
+        decode_attention = None
+        if torch.device(device).type == "cuda":
+            try:  # triton comes with CUDA builds of torch; without it decode keeps SDPA
+                from ead.models.attention_kernel import decode_attention
+            except ImportError:
+                pass
+        return cls(lambda fn: torch.compile(fn, fullgraph=True, dynamic=True), decode_attention)
 
 
 EAGER = Kernels()
@@ -204,7 +213,9 @@ class Attention(nn.Module):
                 rows: Tensor, slots: Tensor, kernels: Kernels = EAGER, compact: bool = False) -> Tensor:
         """x: (B, T, dim); mask: (B, 1, T, L) additive (0 or -inf), L <= S+1 the slots attended; k_cache, v_cache:
         (max_batch, Hkv, S+1, D), written in place at (rows, slots), both (B, T)-broadcastable; batch row b
-        is cache row rows[b] (`compact`: gathered for attention) or else cache row b. Returns (B, T, dim)."""
+        is cache row rows[b] (`compact`: gathered for attention) or else cache row b. Returns (B, T, dim).
+        Decode (T == 1) with `kernels.decode_attention` reads no mask: row b attends slots 0..slots[b] (slot 0
+        alone for a pad, whose slot is the trash slot), which is what the mask says, within the L slots."""
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -215,8 +226,11 @@ class Attention(nn.Module):
             q = kernels.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = kernels.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         q = kernels.rope_store(q, k, v, cos, sin, k_cache, v_cache, rows, slots)
-        # Attend over the first L slots of the B rows (views, no copy); the mask keeps each row to its prefix.
         L = mask.shape[-1]
+        if T == 1 and kernels.decode_attention is not None:  # each row's keys end at its new key's slot: no mask
+            y = kernels.decode_attention(q, k_cache, v_cache, rows[:, 0], slots[:, 0], L)  # (B, 1, H, D)
+            return self.wo(y.reshape(B, 1, -1))
+        # Attend over the first L slots of the B rows (views, no copy); the mask keeps each row to its prefix.
         if compact:  # a few rows from anywhere in the cache: copy their first L slots
             keys, values = k_cache[:, :, :L].index_select(0, rows[:, 0]), v_cache[:, :, :L].index_select(0, rows[:, 0])
         else:  # rows 0..B-1: views, no copy
@@ -288,9 +302,10 @@ class Transformer(nn.Module):
         self.kernels = EAGER
 
     def fuse(self) -> Transformer:
-        """Run the elementwise parts of every step as compiled kernels (see Kernels); for CUDA. The first
-        calls of each shape family compile (seconds, cached on disk by torch afterwards)."""
-        self.kernels = Kernels.compiled()
+        """Run the elementwise parts of every step as compiled kernels and decode attention as a Triton kernel
+        (see Kernels); for CUDA. The first calls of each shape family compile (seconds, cached on disk by torch
+        and triton afterwards)."""
+        self.kernels = Kernels.compiled(self.inv_freq.device)
         return self
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, valid_lengths: Tensor | None = None,
