@@ -83,16 +83,21 @@ def fill(theta, wait):
     return policy
 
 
-def throughput(wait):
-    """ead's schedule="throughput": small when n_small / T_small > n_all / T_large, T the measured step times
-    (moving averages, catch-up included), else a large round that all rows ride; the large group goes next once it
-    has waited `wait` large steps."""
+def throughput(wait, charge_catch_up=True):
+    """ead's schedule="throughput": small when n_small / (T_small + c * n_small) > n_all / T_large, T_small the
+    measured small step (moving average), T_large the large step without catch-up and c the large model's cost
+    of catching a token up later (ead fits both to its large rounds, `BatchEngine.large_costs`; here they are the
+    model's own), else a large round that all rows ride; the large group goes next once it has waited `wait` large
+    steps. `charge_catch_up=False`: the first version, c = 0 and T_large the moving average, catch-up included."""
     def policy(groups, state, t_small, t_large):
-        t_small, t_large = state["step_ms"][S], state["step_ms"][L]
+        t_small = state["step_ms"][S]
+        c = CATCHUP_MS_PER_TOKEN[L] if charge_catch_up else 0.0
+        if not charge_catch_up:
+            t_large = state["step_ms"][L]
         if groups[L] and state["waited"][L] > wait * t_large:
             return L
         n_all = len(groups[S]) + len(groups[L])
-        return S if len(groups[S]) / t_small > n_all / t_large else L
+        return S if len(groups[S]) / (t_small + c * len(groups[S])) > n_all / t_large else L
     policy.ride_along = True
     return policy
 
@@ -118,6 +123,7 @@ def phased(high, low, wait):
 
 POLICIES = {"rate, wait 8": rate(8), "rate, no bound": rate(1e9), "fill 0.9, no bound": fill(0.9, 1e9),
             "fill 0.75, no bound": fill(0.75, 1e9), "fill 0.75, wait 16 (ead exact)": fill(0.75, 16),
+            "throughput, catch-up not charged, wait 16": throughput(16, charge_catch_up=False),
             "throughput, wait 16 (ead)": throughput(16), "throughput, phase 0.75-0.3, wait 16": phased(0.75, 0.3, 16)}
 
 if __name__ == "__main__":

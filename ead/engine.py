@@ -112,10 +112,14 @@ class BatchEngine:
         and the token counts toward the dwell of the segment it is in (the small one); the row goes back to the
         small group, not into a large segment (a budget router's share counts its routed tokens, which it
         controls, not these, which cost no extra round).
-        A round is chosen by rows per second: the small group steps when n_small / T_small > n_all / T_large
-        (T the measured step times, `step_seconds`), else the large round carries every row, unless the large
-        group has waited more than `max_wait_steps` large steps, when it goes next. Every round then advances
-        at least as many rows per second as a large-only round, catch-up aside. A row's text now depends on
+        A round is chosen by rows per second, each round charged what it costs the large model too: a small
+        round's tokens are fed to the large model later, in the catch-up of the next large round, so it costs
+        T_small + c * n_small, where a large-only round costs T_large for n_all rows. The small group steps
+        when n_small / (T_small + c * n_small) > n_all / T_large, else the large round carries every row, unless
+        the large group has waited more than `max_wait_steps` large steps, when it goes next. T_small is the
+        measured small step (`step_seconds`); T_large and c, the seconds per catch-up token, are fitted to the
+        large rounds' times against the catch-up tokens they fed (`large_costs`). Every round, the catch-up it
+        causes included, then advances at least as many rows per second as a large-only round. A row's text now depends on
         the rounds it shares with others, hence on timing: greedy runs need not repeat exactly."""
         if sync is None and getattr(pair, "large_tp", 1) > 1:
             sync = broadcast_from_first
@@ -173,6 +177,8 @@ class BatchEngine:
         self.rounds = {Role.SMALL: 0, Role.LARGE: 0}
         self.rows_stepped = {Role.SMALL: 0, Role.LARGE: 0}
         self.ride_along_tokens = 0  # large-model tokens of rows in small mode (the throughput schedule)
+        # Large rounds' (catch-up tokens fed, seconds), as decayed sums of 1, x, y, x*x and x*y (`large_costs`).
+        self.large_fit = [0.0] * 5
 
     @property
     def running(self) -> int:
@@ -251,7 +257,8 @@ class BatchEngine:
             if groups[Role.LARGE] and self.waited[Role.LARGE] > bound:
                 return Role.LARGE
             n_small, n_all = len(groups[Role.SMALL]), len(groups[Role.SMALL]) + len(groups[Role.LARGE])
-            faster = n_small / self.step_seconds[Role.SMALL] > n_all / self.step_seconds[Role.LARGE]
+            t_large, per_token = self.large_costs()
+            faster = n_small / (self.step_seconds[Role.SMALL] + per_token * n_small) > n_all / t_large
             return Role.SMALL if faster else Role.LARGE
         if len(nonempty) == 1:
             return nonempty[0]
@@ -310,6 +317,8 @@ class BatchEngine:
         events = []
         for role, (feeds, _) in launched.items():
             step_ms = self._account(role, waiting, rows[role], t0)
+            if role is Role.LARGE and len(roles) == 1:
+                self._fit_large(sum(map(len, feeds)) - len(feeds), step_ms / 1e3)
             for seq, fed, row in zip(rows[role], feeds, values[role]):
                 events.append((seq, self._advance(seq, role, fed, row, step_ms)))
         return events
@@ -342,6 +351,26 @@ class BatchEngine:
         events += [(seq, self._advance(seq, Role.LARGE, fed, row, step_ms))
                    for seq, fed, row in zip(groups[Role.LARGE], feeds, values)]
         return events
+
+    def _fit_large(self, catch_up_tokens: int, seconds: float) -> None:
+        """Add a large round to the fit of `large_costs` (the first one, which may hold a graph capture or a
+        prefill, is left out, as in `_measure`)."""
+        if self.rounds[Role.LARGE] > 1:
+            x, y = float(catch_up_tokens), seconds
+            self.large_fit = [0.95 * s + v for s, v in zip(self.large_fit, (1.0, x, y, x * x, x * y))]
+
+    def large_costs(self) -> tuple[float, float]:
+        """(seconds of a large round that feeds one token per row, seconds per catch-up token beyond that): a
+        least-squares line through the recent large rounds (decayed). Until the rounds' catch-ups differ enough
+        to fit a slope, the measured large step and a slope of 1/256 of it (a large model's pass costs about its
+        weight read up to a few hundred tokens); the slope is kept within [0, step / 16]."""
+        n, sx, sy, sxx, sxy = self.large_fit
+        step = self.step_seconds[Role.LARGE]
+        spread = n * sxx - sx * sx
+        if n < 4 or spread <= 1.0 * n * n:  # the catch-ups' standard deviation is below one token
+            return step, step / 256
+        slope = min(max((n * sxy - sx * sy) / spread, 0.0), step / 16)
+        return max((sy - slope * sx) / n, step / 4), slope
 
     def run_ahead_cap(self) -> int:
         """Most small steps per large step on two GPUs: as many as fit in a large step (measured step times), and

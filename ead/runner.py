@@ -16,6 +16,7 @@ runner for GGUF files on a CPU (`ead.backends.llamacpp`).
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -121,6 +122,8 @@ class NativeBatchRunner:
        of them in one pass over just those rows (gathered), right-padded to a width bucket;
     2. decode: the slots that bring one token, over cache rows 0..B-1, B the smallest batch bucket (1, 2, 4,
        ..., max_batch) holding them, other rows idle.
+    When both kinds come and the padded catch-up of all of them stays within MERGE_TOKENS, the decode rows join
+    the catch-up pass instead: one read of the weights, not two.
     On CUDA both are replayed graphs, one per (rows, width, span) bucket, captured on first use (or ahead with
     `capture_graphs`); a catch-up of more than MAX_GRAPH_TOKENS padded tokens (a long prompt, or many rows at
     once) runs eagerly, where launches matter less beside its compute. Attention reads a span of slots bucketed to a
@@ -133,6 +136,10 @@ class NativeBatchRunner:
     MIN_SPAN = 256
     MAX_GRAPH_WIDTH = 256
     MAX_GRAPH_TOKENS = 1024
+    # A round that mixes rows bringing one token with rows catching up a few runs as one padded catch-up pass (one
+    # read of the weights) instead of a decode and a catch-up (two), while the padded pass holds at most this many
+    # tokens: below a few hundred tokens a pass of a large model costs about its weight read, whatever its width.
+    MERGE_TOKENS = 256
     # Speculative verification (every position's logits) replays a graph for one token and a draft of up to 15
     # per row, at most MAX_VERIFY_TOKENS padded tokens: the float32 buffer the verification graphs share holds
     # that many rows of logits (311 MB for Qwen2.5's vocabulary). Wider passes (a prompt, a hybrid catch-up)
@@ -186,7 +193,7 @@ class NativeBatchRunner:
     def _catch_up_buckets(self) -> set[tuple[int, int]]:
         """(rows, width) buckets whose catch-up runs as a graph."""
         rows = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i <= _pow2(self.max_batch)]
-        widths = [1 << i for i in range(3, self.MAX_GRAPH_WIDTH.bit_length())]
+        widths = [1 << i for i in range(1, self.MAX_GRAPH_WIDTH.bit_length())]
         return {(n, w) for n in rows for w in widths if n * w <= self.MAX_GRAPH_TOKENS}
 
     def _verify_buckets(self) -> set[tuple[int, int]]:
@@ -239,6 +246,8 @@ class NativeBatchRunner:
             return [logits[i, : len(t), : self.vocab_size] for i, t in enumerate(ids)]
         many = [i for i, t in enumerate(ids) if len(t) > 1]
         one = [i for i, t in enumerate(ids) if len(t) == 1]
+        if many and one and math.prod(_catch_up_bucket(len(ids), max(map(len, ids)))) <= self.MERGE_TOKENS:
+            many, one = list(range(len(ids))), []  # one pass for all
         parts = []
         if many:
             parts.append(self._catch_up([slots[i] for i in many], [ids[i] for i in many], span))
@@ -305,7 +314,7 @@ class NativeBatchRunner:
 
 def _catch_up_bucket(n: int, width: int) -> tuple[int, int]:
     """The padded (rows, width) of a catch-up of n rows of at most `width` tokens."""
-    return _pow2(n), max(8, _pow2(width))
+    return _pow2(n), max(2, _pow2(width))
 
 
 def _pow2(n: int) -> int:

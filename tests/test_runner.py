@@ -100,6 +100,27 @@ def test_native_runner_logits_match_the_hf_runner_through_prefill_decode_and_cat
         assert native.seen[0] == hf.seen and ours.shape == (vocab,) and ours.dtype == torch.float32
 
 
+@pytest.mark.parametrize("merge_tokens", [NativeBatchRunner.MERGE_TOKENS, 0])
+def test_a_round_mixing_one_token_rows_and_catch_ups_gives_each_rows_hf_logits(pair, merge_tokens):
+    """Rows bringing one token beside rows bringing a few run as one padded pass (within MERGE_TOKENS), or as a
+    decode and a catch-up (0): either way each row gets the logits the HF model gives its whole text."""
+    vocab = pair.small.model.config.vocab_size
+    native = NativeBatchRunner.from_hf(pair.large.model, vocab, max_batch=4)
+    native.MERGE_TOKENS = merge_tokens
+    texts = [[5, 9, 40], [12, 13], [7, 3, 100, 4, 8], [2]]
+    native.feed_many([0, 1, 2, 3], texts)
+    rounds = ([[6], [14, 15, 16], [9], [30, 31]], [[17], [2], [11, 12, 13], [8]])
+    for new in rounds:
+        ours = native.feed_many([0, 1, 2, 3], new)
+        texts = [t + n for t, n in zip(texts, new)]
+        with torch.no_grad():
+            for text, row in zip(texts, ours):
+                ref = pair.large.model(torch.tensor([text])).logits[0, -1].float()
+                err = ((row - ref).abs().max() / ref.abs().max()).item()
+                assert err < MAX_REL_ERR, f"after {text}: max rel err {err:.2e}"
+    assert native.seen == [len(t) for t in texts]
+
+
 def test_native_runner_refuses_overflow_before_touching_the_cache(tiny_pairs):
     model = ead.load_pair(*tiny_pairs["llama"], device="cpu").small.model
     runner = NativeBatchRunner.from_hf(model, model.config.vocab_size, max_seq_tokens=8)
@@ -116,11 +137,11 @@ def test_native_runner_refuses_overflow_before_touching_the_cache(tiny_pairs):
 @pytest.mark.parametrize("max_batch, rows", [(1, [1]), (4, [1, 2, 4]), (64, [1, 2, 4, 8, 16, 32, 64])])
 def test_verification_graph_buckets_cover_one_token_and_a_draft_per_row(tiny_pairs, max_batch, rows):
     """The (rows, width) buckets a verification pass replays as a CUDA graph (the graphs themselves are checked
-    in models/test_graphs.py): every row count up to max_batch at widths 8 and 16 (one token and a draft of up
-    to 15), except where the padded pass outgrows the 512 rows of logits the graphs' shared buffer holds."""
+    in models/test_graphs.py): every row count up to max_batch at widths 2, 4, 8 and 16 (one token and a draft
+    of up to 15), except where the padded pass outgrows the 512 rows of logits the graphs' shared buffer holds."""
     model = ead.load_pair(*tiny_pairs["qwen2"], device="cpu").small.model
     runner = NativeBatchRunner.from_hf(model, 10, max_seq_tokens=64, max_batch=max_batch)
-    expected = {(n, w) for n in rows for w in (8, 16)} - {(64, 16)}
+    expected = {(n, w) for n in rows for w in (2, 4, 8, 16)} - {(64, 16)}
     assert runner._verify_buckets() == expected
     assert runner._verify_buckets() <= runner._catch_up_buckets()
     for n in range(1, max_batch + 1):  # the bucket each pass pads to

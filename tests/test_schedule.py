@@ -51,10 +51,12 @@ def cfg(pair, prompts):
     return RouterConfig(threshold_bits=tau, window_tokens=2, min_dwell_tokens=2)
 
 
-def scripted_costs(engine: BatchEngine, small_s: float, large_s: float) -> BatchEngine:
-    """Fix the step times the scheduler reads (seconds per step of each model) and stop measuring them."""
+def scripted_costs(engine: BatchEngine, small_s: float, large_s: float, per_token: float = 0.0) -> BatchEngine:
+    """Fix the costs the scheduler reads (seconds per step of each model, seconds per catch-up token of the large
+    one) and stop measuring them."""
     engine.step_seconds = {S: small_s, L: large_s}
     engine._measure = lambda role, seconds: None
+    engine.large_costs = lambda: (large_s, per_token)
     return engine
 
 
@@ -110,25 +112,42 @@ def test_throughput_keeps_every_routed_large_token_and_adds_ride_alongs(pair, pr
     assert shares["throughput"] > shares["exact"] > 0
 
 
-@pytest.mark.parametrize("small_s, large_s", [(1.0, 3.0), (1.0, 1.5)])
-def test_the_round_is_the_one_with_more_rows_per_second(pair, prompts, small_s, large_s):
-    """With scripted costs and no wait bound, each round is small iff n_small / T_small > n_all / T_large; a
-    small round steps exactly the rows in small mode, a large round every running row."""
+@pytest.mark.parametrize("small_s, large_s, per_token", [(1.0, 3.0, 0.0), (1.0, 1.5, 0.0), (1.0, 3.0, 0.3)])
+def test_the_round_is_the_one_with_more_rows_per_second(pair, prompts, small_s, large_s, per_token):
+    """With scripted costs and no wait bound, each round is small iff n_small / (T_small + c * n_small) >
+    n_all / T_large (c: the large model's cost of catching up a token later); a small round steps exactly the
+    rows in small mode, a large round every running row."""
     engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4,
-                                        max_wait_steps=1e9, schedule="throughput"), small_s, large_s)
+                                        max_wait_steps=1e9, schedule="throughput"), small_s, large_s, per_token)
     scripts = [[S] * 40, [L] * 40, [S] * 3 + [L] * 6 + [S] * 30, [L] * 2 + [S] * 40]
     seqs = [engine.add(p, PARAMS, ScriptedRouter(r)) for p, r in zip(prompts, scripts)]
     seen = set()
     while engine.has_work:
         modes = {seq: seq.router.active for seq in seqs if seq.finish_reason is None}
         n_small = sum(mode is S for mode in modes.values())
-        expected = S if n_small / small_s > len(modes) / large_s else L
+        expected = S if n_small / (small_s + per_token * n_small) > len(modes) / large_s else L
         seen.add(expected)
         events = engine.step()
         assert {record.role for _, record in events} == {expected}, f"groups {n_small}/{len(modes)}"
         assert sorted(id(seq) for seq, _ in events) == sorted(id(seq) for seq, m in modes.items()
                                                               if expected is L or m is S)
     assert seen == {S, L}
+
+
+def test_large_costs_fit_the_line_of_the_large_rounds_times_against_their_catch_up(pair):
+    """Rounds timed as 10 ms + 0.2 ms per catch-up token: the fit finds both; before the catch-ups vary, the
+    measured step and 1/256 of it per token."""
+    engine = BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4, schedule="throughput")
+    engine.step_seconds[L] = 0.012
+    assert engine.large_costs() == (0.012, 0.012 / 256)
+    engine.rounds[L] = 2  # past the first round, which the fit leaves out
+    for x in [0, 3, 1, 7, 2, 0, 5, 4] * 3:
+        engine._fit_large(x, 0.010 + 0.0002 * x)
+    t_large, per_token = engine.large_costs()
+    assert t_large == pytest.approx(0.010, rel=1e-6) and per_token == pytest.approx(0.0002, rel=1e-6)
+    for x in [0, 3, 1, 7]:  # a slope above step / 16 is cut there
+        engine._fit_large(x, 0.010 + 0.01 * x)
+    assert engine.large_costs()[1] == pytest.approx(engine.step_seconds[L] / 16)
 
 
 @pytest.mark.parametrize("max_wait_steps", [0.0, 1e9])
