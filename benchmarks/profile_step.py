@@ -25,12 +25,16 @@ def main() -> None:
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--unfused", action="store_true", help="eager elementwise kernels inside the graph")
+    p.add_argument("--sdpa", action="store_true", help="decode attention through SDPA with a mask, not the Triton "
+                   "kernel (ead.models.attention_kernel)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device("cuda")
     model = random_native(args.shape, device, torch.bfloat16)
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     runner = NativeBatchRunner(model, model.args.vocab_size, 1024, True, args.batch, fused_kernels=not args.unfused)
+    if args.sdpa:  # before the first step captures its graph
+        model.kernels.decode_attention = None
     slots = list(range(args.batch))
     runner.feed_many(slots, [list(range(100, 228))] * args.batch)
     for _ in range(5):
