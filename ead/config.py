@@ -96,6 +96,8 @@ class EngineConfig:
     picks llamacpp for a pair of .gguf files when llama-cpp-python is installed, else hf (the reference the
     tests compare against). `max_seq_tokens` caps prompt plus generated tokens; None means each model's
     max_position_embeddings, and for native and llamacpp at most 4096 (their caches are allocated up front).
+    `lookahead` (native, on CUDA): launch a group's next round before the host reads the current one, so the
+    device does not wait through the host's work between rounds (`ead.engine.BatchEngine.step`).
     """
 
     device: str | None = None
@@ -104,13 +106,14 @@ class EngineConfig:
     cuda_graphs: bool = True
     fused_kernels: bool = True
     max_seq_tokens: int | None = None
+    lookahead: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        for name in ("cuda_graphs", "fused_kernels"):
+        for name in ("cuda_graphs", "fused_kernels", "lookahead"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.max_seq_tokens is not None:

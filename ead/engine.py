@@ -24,6 +24,14 @@ model's tokens they were not routed to, and their text depends on the company th
 With the models on two GPUs (`concurrent`), neither waits for the other: the large group's step is launched on
 its GPU, and the small group steps on the other, again and again, until that step is done (`_run_ahead`).
 
+Lookahead (`EngineConfig.lookahead`, native runner on CUDA, exact schedule, greedy rows, mode "ead" on one device):
+a round's next round, for the same rows, is launched before the host reads the round, fed the tokens it gives
+each row while they are still on the device (`_look_ahead`). The device then works through the host's turn (the
+routers, stop checks, records and the next launch) instead of waiting for it. The next `step` runs that round
+if the scheduler picks the same rows (rows that finished or switched meanwhile only drop out of it); else it is
+discarded, a step of device time lost (`_resume`). So a round runs ahead only while the other group is empty,
+and a large one only where no row's router can switch at the next token (`_likely_run`).
+
 Modes (`mode`): "ead" is the above. "speculative" gives every token to the large model through speculative
 decoding (`ead.speculative`: the small model drafts, the large one verifies a draft per pass), so the text is
 the large model's; "hybrid" keeps the EAD rule's segments and writes the large ones by speculation, the router
@@ -47,7 +55,7 @@ from ead.errors import CacheCapacityError, ConfigError, RequestError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, VerifyEvent, summarize
 from ead.models.tensor_parallel import broadcast_from_first
 from ead.pair import ModelPair, Prompt
-from ead.router import Router, RoutingPolicy, TokenSignals, token_signals
+from ead.router import Router, RoutingPolicy, ScriptedRouter, TokenSignals, token_signals
 from ead.runner import HFBatchRunner, NativeBatchRunner, build_batch_runner, choose_backend
 from ead.sampling import SamplingParams, sample_next
 from ead.speculative import Speculator, Verdict
@@ -84,6 +92,21 @@ class Sequence:
         if device not in self.side_generators:
             self.side_generators[device] = torch.Generator(device=device).manual_seed(self.sampling.seed)
         return self.side_generators[device]
+
+
+@dataclass(eq=False)
+class _Lookahead:
+    """A round launched before the round it follows was read (`BatchEngine._look_ahead`): its group, its rows in
+    launch order, its (rows, 5) summary on the device, the summary's pinned host copy and the marker of its arrival,
+    and its launch time (perf_counter seconds). `keep`: the rows of the summary that still count (`_resume`)."""
+
+    role: Role
+    rows: list[Sequence]
+    summary: Tensor
+    host: Tensor
+    done: torch.cuda.Event | _Ran
+    t_launch: float
+    keep: list[int] = field(default_factory=list)
 
 
 class BatchEngine:
@@ -177,6 +200,12 @@ class BatchEngine:
         self.rounds = {Role.SMALL: 0, Role.LARGE: 0}
         self.rows_stepped = {Role.SMALL: 0, Role.LARGE: 0}
         self.ride_along_tokens = 0  # large-model tokens of rows in small mode (the throughput schedule)
+        # A lookahead overlaps host work with device work; on a CPU, which runs work as it is queued, it only adds
+        # the discarded rounds. Rounds launched ahead and run, rounds launched ahead and discarded.
+        self.lookahead = self.engine_cfg.lookahead and all(d is not None and d.type == "cuda" for d in devices)
+        self.pending: _Lookahead | None = None
+        self.lookahead_rounds, self.lookahead_discarded = 0, 0
+        self.t_read = 0.0  # when the host last read a round's summary
         # Large rounds' (catch-up tokens fed, seconds), as decayed sums of 1, x, y, x*x and x*y (`large_costs`).
         self.large_fit = [0.0] * 5
 
@@ -271,11 +300,12 @@ class BatchEngine:
     def step(self) -> list[tuple[Sequence, StepRecord]]:
         """One round: one new token for each sequence of the chosen group (under the throughput schedule a large
         round gives one to every sequence; on two GPUs the small group may take several, see `_run_ahead`).
-        Sequences that finish free their slot; queued ones join at the next round. Returns (sequence, record)
-        per new token."""
+        Sequences that finish free their slot; queued ones join at the next round. The round may be the one the
+        last call launched ahead (see the module docstring). Returns (sequence, record) per new token."""
         self._admit()
         active = [seq for seq in self.slots if seq is not None]
         if not active:
+            self._resume([], {})  # a lookahead of rows that have all finished is dropped
             return []
         if self.mode == "speculative":  # every token is the large model's
             groups = {Role.SMALL: [], Role.LARGE: active}
@@ -305,12 +335,29 @@ class BatchEngine:
         if roles == [Role.LARGE] and self.schedule == "throughput":
             rows[Role.LARGE] = active  # the rows in small mode ride along (see __init__)
             self.ride_along_tokens += len(groups[Role.SMALL])
-        launched = {role: self._launch(rows[role], self.runners[role]) for role in roles}  # role -> (feeds, summary)
+        ahead = self._resume(roles, rows)  # the round launched ahead in the last step, if it is this one
+        if ahead is None:
+            # role -> (feeds, summary)
+            launched = {role: self._launch(rows[role], self.runners[role]) for role in roles}
+            if self.sync is not None:
+                launched = {role: (feeds, self.sync(summary.contiguous()))
+                            for role, (feeds, summary) in launched.items()}
+            copies = {role: _copy_to_host(summary) for role, (_, summary) in launched.items()}  # role -> (host, done)
+        else:  # it fed each row the last round's token; it ran once the device was done with that round
+            t0 = max(ahead.t_launch, self.t_read)
+            launched = {ahead.role: ([seq.ids[-1:] for seq in ahead.rows], ahead.summary)}
+            copies = {ahead.role: (ahead.host, ahead.done)}
+        if len(roles) == 1:  # queued behind this round's copy to the host, so that the host waits for this round only
+            self.pending = self._look_ahead(roles[0], rows[roles[0]], launched[roles[0]][1], groups)
 
-        # 4. The one host sync per round: the routers branch on numbers. (ids < 2**24 are exact in float32.)
-        if self.sync is not None:
-            launched = {role: (feeds, self.sync(summary.contiguous())) for role, (feeds, summary) in launched.items()}
-        values = {role: summary.tolist() for role, (_, summary) in launched.items()}
+        # 4. The one host sync per round, on this round's copy (not on a lookahead queued after it): the routers
+        #    branch on numbers. (ids < 2**24 are exact in float32.)
+        for _, done in copies.values():
+            done.synchronize()
+        values = {role: host.tolist() for role, (host, _) in copies.items()}
+        self.t_read = time.perf_counter()
+        if ahead is not None:
+            values[ahead.role] = [values[ahead.role][i] for i in ahead.keep]
         stepped = {seq for role in roles for seq in rows[role]}
         waiting = {role: [seq for seq in groups[role] if seq not in stepped] for role in Role}
 
@@ -407,6 +454,66 @@ class BatchEngine:
             tokens = self._sample(logits, rows)
             summary = torch.cat([self.token_signals(logits), tokens[:, None].float()], dim=1)
         return feeds, summary
+
+    def _look_ahead(self, role: Role, rows: list[Sequence], summary: Tensor,
+                    groups: dict[Role, list[Sequence]]) -> _Lookahead | None:
+        """Launch the next round of `role` for `rows` now, before the host reads this one, feeding each row the token
+        this round gives it, still on the device (`summary[:, 4]`, the greedy token); None where no lookahead runs.
+        Rows this round ends for certain are left out. Sampled rows are never in one: a discarded lookahead would
+        have drawn from their generators."""
+        runner = self.runners[role]
+        if not (self.lookahead and self.mode == "ead" and self.sync is None and not self.concurrent
+                and self.schedule == "exact" and isinstance(runner, NativeBatchRunner)
+                and all(seq.sampling.greedy for seq in rows)):
+            return None
+        keep = [i for i, seq in enumerate(rows) if not self._ends_now(seq)]
+        if not keep or not self._likely_run(role, [rows[i] for i in keep], groups, len(keep) < len(rows)):
+            return None
+        t_launch = time.perf_counter()
+        _, ahead = runner.decode_from_device([rows[i].slot for i in keep], _rows_of(summary, keep)[:, 4])
+        return _Lookahead(role, [rows[i] for i in keep], ahead, *_copy_to_host(ahead), t_launch)
+
+    def _likely_run(self, role: Role, rows: list[Sequence], groups: dict[Role, list[Sequence]],
+                    frees_slot: bool) -> bool:
+        """Whether a round of `role` launched ahead for `rows` will likely run: a discarded one wastes a step of
+        device time, where one that runs saves only the host's turn (0.15 ms a token at the 1.5B shape). Not while
+        the other group has rows (the exact schedule's choice between two groups turns often: 51 large rounds
+        among 174 small ones at batch 4, f = 0.26, in BENCHMARKS.md), nor when a slot this round frees will admit
+        a waiting row. A small round runs ahead then (EAD's small segments are the long ones, and its step the
+        cheap one); a large round only if no row's router can switch at the next token."""
+        other = Role.LARGE if role is Role.SMALL else Role.SMALL
+        if groups[other] or (frees_slot and self.queue):
+            return False
+        return role is Role.SMALL or all(_keeps_model(seq.router) for seq in rows)
+
+    def _ends_now(self, seq: Sequence) -> bool:
+        """Whether the token in flight is `seq`'s last for certain: its max_new_tokens'th, or the context's last."""
+        n = len(seq.ids) + 1
+        return n - len(seq.prompt_ids) >= seq.stopper.max_new_tokens or n >= self.max_seq_tokens
+
+    def _resume(self, roles: list[Role], rows: dict[Role, list[Sequence]]) -> _Lookahead | None:
+        """The lookahead launched in the last step, if it is the round `roles` and `rows` describe: its group alone,
+        and its rows, less those that finished or went to the other model since (their tokens are ignored), exactly
+        that group's rows (none joined). Else it is discarded. A row of it that runs on without its token gets the
+        token back out of that model's cache (`truncate`: the token is the row's own, but the cache then holds what
+        it would hold without the lookahead, so catch-ups and traces stay the same). A finished row's slot needs
+        nothing: it is reset on reuse."""
+        ahead, self.pending = self.pending, None
+        if ahead is None:
+            return None
+        live = [i for i, seq in enumerate(ahead.rows) if seq.finish_reason is None]
+        keep = [i for i in live if ahead.rows[i].router.active is ahead.role]
+        use = roles == [ahead.role] and [ahead.rows[i] for i in keep] == rows[ahead.role]
+        runner = self.runners[ahead.role]
+        for i in set(live) - set(keep) if use else live:
+            slot = ahead.rows[i].slot
+            runner.truncate(slot, runner.seen[slot] - 1)
+        if not use:
+            self.lookahead_discarded += 1
+            return None
+        self.lookahead_rounds += 1
+        ahead.rows, ahead.summary, ahead.keep = [ahead.rows[i] for i in keep], _rows_of(ahead.summary, keep), keep
+        return ahead
 
     def _account(self, role: Role, groups: dict[Role, list[Sequence]], rows: list[Sequence], t0: float,
                  t_end: float | None = None) -> float:
@@ -552,6 +659,41 @@ class _Ran:
 
     def query(self) -> bool:
         return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _copy_to_host(summary: Tensor) -> tuple[Tensor, torch.cuda.Event | _Ran]:
+    """Start a summary's copy to the host: (a pinned host tensor, a marker whose `synchronize()` waits for the copy
+    and the work queued before it, not for work queued after). On the CPU the summary is there already."""
+    if summary.device.type != "cuda":
+        return summary, _Ran()
+    host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+    host.copy_(summary, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(summary.device))
+    return host, done
+
+
+def _rows_of(summary: Tensor, index: list[int]) -> Tensor:
+    """Rows `index` (increasing) of a tensor on the device, without a host sync."""
+    if len(index) == summary.shape[0]:
+        return summary
+    return summary.index_select(0, torch.tensor(index).to(summary.device, non_blocking=True))
+
+
+def _keeps_model(router: RoutingPolicy) -> bool:
+    """Whether `router` keeps its model at its next `observe` for certain, as far as the engine can tell: the paper's
+    rule while its dwell holds, or at an infinite tau on its model's side; a script past its end. Other policies, and
+    these otherwise, may switch at any token."""
+    if type(router) is Router:
+        tau, active = router.cfg.threshold_bits, router.active
+        return (router.tokens_since_switch + 1 < router.cfg.min_dwell_tokens
+                or (tau == math.inf and active is Role.SMALL) or (tau == -math.inf and active is Role.LARGE))
+    if type(router) is ScriptedRouter:
+        return router.n >= len(router.roles) - 1
+    return False
 
 
 def _vocab_size(model) -> int:

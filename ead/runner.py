@@ -131,6 +131,7 @@ class NativeBatchRunner:
     preallocated context. Host-side bookkeeping (`seen`) means no device sync here.
     Speculation's verification (`all_logits`) is one gathered pass like a catch-up, returning every position's
     logits; it too replays a graph per (rows, width, span) bucket (`verify_graphs`, widths up to MAX_VERIFY_WIDTH).
+    `decode_from_device` is the decode pass fed tokens that are still on the device (the engine's lookahead).
     """
 
     MIN_SPAN = 256
@@ -290,15 +291,31 @@ class NativeBatchRunner:
                             rows=rows_d, kernels=EAGER).float()
         return self._with_summary(logits) if last_only else logits
 
-    def _decode(self, slots: list[int], tokens: list[int], span: int) -> Tensor:
-        """One token into each of `slots`, over cache rows 0..B-1."""
+    @torch.inference_mode()
+    def decode_from_device(self, slots: Sequence[int], tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """One token into each of `slots`, the tokens given on the device and not known to the host: (n,) ids,
+        int64 or float32 (a summary's last column), in the order of `slots`. The engine's lookahead feeds a round's
+        greedy tokens this way before it reads them. Returns (logits, summary) as feed_many(..., with_summary=True);
+        `seen` advances by one per slot, as for any decode."""
+        assert slots and tokens.shape == (len(slots),), f"one token per slot: {len(slots)} slots, {tokens.shape}"
+        new_lengths = [self.seen[s] + 1 for s in slots]
+        self.cache.check_capacity(slots, new_lengths)  # host-side numbers: no device sync
+        logits = self._decode(list(slots), tokens, self.span(max(new_lengths)))
+        return logits[:, : self.vocab_size], logits[:, self.vocab_size:]
+
+    def _decode(self, slots: list[int], tokens: list[int] | Tensor, span: int) -> Tensor:
+        """One token into each of `slots`, over cache rows 0..B-1: ids from the host, or (n,) on the device."""
         batch = min(self.max_batch, _pow2(max(slots) + 1))
+        on_device = isinstance(tokens, Tensor)
         host = [0] * (4 * batch)  # tokens, positions, valid, then the slots to read logits from
-        for i, (s, t) in enumerate(zip(slots, tokens)):
+        for i, s in enumerate(slots):
+            t = 0 if on_device else tokens[i]  # device tokens are written in after the copy
             host[s], host[batch + s], host[2 * batch + s], host[3 * batch + i] = t, self.seen[s], 1, s
             self.seen[s] += 1
         tokens_d, positions, valid, index = torch.tensor(host, dtype=torch.int64).to(
             self.device, non_blocking=True).view(4, batch)
+        if on_device:  # the index row lists the slots in the order of `tokens`
+            tokens_d.index_copy_(0, index[: len(slots)], tokens.to(torch.int64))
         if self.use_graphs:
             logits = self._graph(batch, 1, span).run_rows(tokens_d, positions, valid)
         else:
