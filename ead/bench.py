@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import platform
 import statistics
 import sys

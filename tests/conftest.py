@@ -108,6 +108,36 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def pair(tiny_pairs):
+    """The tiny qwen2 pair on the CPU (a module may define its own `pair`)."""
+    import ead
+
+    return ead.load_pair(*tiny_pairs["qwen2"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts(pair):
+    """Five prompts of different lengths (more than the batches of the scheduling tests hold, so some wait for a
+    slot)."""
+    return [pair.encode(q[: 40 + 37 * i]) for i, q in enumerate(gsm8k_questions(5))]
+
+
+def switching_config(pair, prompt: list[int], params):
+    """tau at the median entropy of a small-only run of `prompt`, so that every row switches, each at its own
+    steps (window 2, dwell 2)."""
+    import math
+
+    import numpy as np
+
+    from ead.config import RouterConfig
+    from ead.engine import Engine
+
+    probe = Engine(pair, RouterConfig(threshold_bits=math.inf)).generate(prompt, params)
+    tau = float(np.median([s.entropy_bits for s in probe.trace.steps]))
+    return RouterConfig(threshold_bits=tau, window_tokens=2, min_dwell_tokens=2)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_corpus() -> list[str]:
     return gsm8k_questions(400)

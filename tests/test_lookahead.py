@@ -9,11 +9,9 @@ tokens with the same trace (roles, signals, switches, catch-up counts, tokens fe
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-import ead
 from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import BatchEngine, Engine, _keeps_model
 from ead.errors import CacheCapacityError, ConfigError
@@ -21,7 +19,7 @@ from ead.router import Router, ScriptedRouter, entropy_bits
 from ead.runner import NativeBatchRunner
 from ead.sampling import SamplingParams
 
-from conftest import gsm8k_questions
+from conftest import switching_config
 
 S, L = Role.SMALL, Role.LARGE
 NATIVE = EngineConfig(backend="native")
@@ -31,22 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_pairs):
-    return ead.load_pair(*tiny_pairs["qwen2"], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompts(pair):
-    """Five prompts of different lengths (more than the batches below hold, so some wait for a slot)."""
-    return [pair.encode(q[: 40 + 37 * i]) for i, q in enumerate(gsm8k_questions(5))]
-
-
-@pytest.fixture(scope="module")
 def cfg(pair, prompts):
-    """tau at the median entropy of a small-only run, so that every row switches, each at its own steps."""
-    probe = Engine(pair, RouterConfig(threshold_bits=math.inf)).generate(prompts[0], PARAMS)
-    tau = float(np.median([s.entropy_bits for s in probe.trace.steps]))
-    return RouterConfig(threshold_bits=tau, window_tokens=2, min_dwell_tokens=2)
+    return switching_config(pair, prompts[0], PARAMS)
 
 
 def engine_with(pair, cfg, lookahead: bool, max_batch: int = 1, engine_cfg: EngineConfig = NATIVE) -> BatchEngine:

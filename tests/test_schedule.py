@@ -6,7 +6,6 @@ Costs are scripted by fixing `step_seconds` and switching off its measurement, s
 this machine's timing.
 """
 
-import math
 import socket
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ead.errors import ConfigError
 from ead.router import ScriptedRouter, entropy_bits
 from ead.sampling import SamplingParams
 
-from conftest import gsm8k_questions
+from conftest import gsm8k_questions, switching_config
 
 S, L = Role.SMALL, Role.LARGE
 TOKENS = 24
@@ -33,22 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_pairs):
-    return ead.load_pair(*tiny_pairs["qwen2"], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompts(pair):
-    """Five prompts of different lengths (more than the batches below hold, so some wait for a slot)."""
-    return [pair.encode(q[: 40 + 37 * i]) for i, q in enumerate(gsm8k_questions(5))]
-
-
-@pytest.fixture(scope="module")
 def cfg(pair, prompts):
-    """tau at the median entropy of a small-only run, so that every row switches, each at its own steps."""
-    probe = Engine(pair, RouterConfig(threshold_bits=math.inf)).generate(prompts[0], PARAMS)
-    tau = float(np.median([s.entropy_bits for s in probe.trace.steps]))
-    return RouterConfig(threshold_bits=tau, window_tokens=2, min_dwell_tokens=2)
+    return switching_config(pair, prompts[0], PARAMS)
 
 
 def scripted_costs(engine: BatchEngine, small_s: float, large_s: float, per_token: float = 0.0) -> BatchEngine:
