@@ -277,7 +277,7 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
     from ead.engine import BatchEngine
 
     cfg = EngineConfig(backend=backend or args.backend, max_seq_tokens=args.prompt_tokens + args.tokens + 8,
-                       cuda_graphs=args.cuda_graphs)
+                       cuda_graphs=args.cuda_graphs, lookahead=getattr(args, "lookahead", True))
     vocab = min(_vocab(pair.small.model), _vocab(pair.large.model))
     for batch in args.batch if batches is None else batches:
         gen = torch.Generator().manual_seed(batch)
@@ -307,7 +307,8 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
                 for mode, (scripts, schedule) in modes.items():
                     engine.schedule = schedule  # read each round; the rows and routers are new in each run
                     with memory_scope(pair.device, timed.setdefault(mode, {"schedule": schedule})):
-                        timed[mode].update(run_engine(engine, prompts, args.tokens, [ScriptedRouter(s) for s in scripts]))
+                        routers = [ScriptedRouter(s) for s in scripts]
+                        timed[mode].update(run_engine(engine, prompts, args.tokens, routers))
                 del engine
             # Seconds per step of all rows, host work included, from the single-model runs of this batch size.
             t_small, t_large = (batch / timed[m]["tok_per_s"] for m in ("small_only", "large_only"))
@@ -337,7 +338,7 @@ def bench_speculation(pair, args, emit: Callable[[dict], None], label: dict, bac
         try:
             prompts = spec.gsm8k_prompts(pair, max(batch, args.problems))
             cfg = EngineConfig(backend=backend, max_seq_tokens=max(map(len, prompts)) + args.tokens + 8,
-                               cuda_graphs=args.cuda_graphs)
+                               cuda_graphs=args.cuda_graphs, lookahead=getattr(args, "lookahead", True))
             modes = [spec.SpeculationMode("large_only"),
                      spec.SpeculationMode(f"speculative_g{g}", "speculative", speculative=SpeculativeConfig(g))]
             if args.draft_confidence is not None:
@@ -443,6 +444,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run every forward pass eagerly (to compare, or where capture fails)")
+    p.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                   help="read each round before launching the next (EngineConfig.lookahead), to time what it saves")
     from ead.cli import add_parallel_args
 
     add_parallel_args(p)

@@ -34,3 +34,21 @@ def test_bench_runs_each_schedule_side_by_side(tmp_path, capsys):
 def test_bench_refuses_an_unknown_schedule(capsys):
     assert main(["bench", "--pair", "", "--device", "cpu", "--schedule", "exact,fast"]) == 2
     assert "--schedule takes a comma-separated list of exact, throughput" in capsys.readouterr().err
+
+
+def test_no_lookahead_reaches_every_engine_the_bench_builds(monkeypatch):
+    from ead.engine import BatchEngine
+
+    seen, init = [], BatchEngine.__init__
+
+    def spy(self, pair, cfg=None, engine_cfg=None, *args, **kwargs):
+        seen.append(engine_cfg.lookahead)
+        init(self, pair, cfg, engine_cfg, *args, **kwargs)
+
+    monkeypatch.setattr(BatchEngine, "__init__", spy)
+    argv = ["bench", "--pair", "tiny:tiny-large", "--batch", "1", "--tokens", "4", "--prompt-tokens", "4",
+            "--hf-tokens", "0", "--gamma", "0", "--shares", "0.4", "--device", "cpu"]
+    for flag, expected in (([], True), (["--no-lookahead"], False)):
+        seen.clear()
+        assert main(argv + flag) == 0
+        assert seen and set(seen) == {expected}
