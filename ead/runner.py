@@ -16,7 +16,6 @@ runner for GGUF files on a CPU (`ead.backends.llamacpp`).
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -122,8 +121,8 @@ class NativeBatchRunner:
        of them in one pass over just those rows (gathered), right-padded to a width bucket;
     2. decode: the slots that bring one token, over cache rows 0..B-1, B the smallest batch bucket (1, 2, 4,
        ..., max_batch) holding them, other rows idle.
-    When both kinds come and the padded catch-up of all of them stays within MERGE_TOKENS, the decode rows join
-    the catch-up pass instead: one read of the weights, not two.
+    When both kinds come and the decode rows add at most MERGE_TOKENS padded tokens to the catch-up pass, they join
+    it instead: one read of the weights, not two.
     On CUDA both are replayed graphs, one per (rows, width, span) bucket, captured on first use (or ahead with
     `capture_graphs`); a catch-up of more than MAX_GRAPH_TOKENS padded tokens (a long prompt, or many rows at
     once) runs eagerly, where launches matter less beside its compute. Attention reads a span of slots bucketed to a
@@ -137,9 +136,10 @@ class NativeBatchRunner:
     MIN_SPAN = 256
     MAX_GRAPH_WIDTH = 256
     MAX_GRAPH_TOKENS = 1024
-    # A round that mixes rows bringing one token with rows catching up a few runs as one padded catch-up pass (one
-    # read of the weights) instead of a decode and a catch-up (two), while the padded pass holds at most this many
-    # tokens: below a few hundred tokens a pass of a large model costs about its weight read, whatever its width.
+    # A round that mixes rows bringing one token with rows catching up runs as one padded catch-up pass (one read
+    # of the weights) instead of a decode and a catch-up (two), when the rows that joins to the catch-up add at most
+    # this many padded tokens to it (none when they fit its row bucket): a pass of a large model costs about its
+    # weight read up to a few hundred tokens, whatever its width.
     MERGE_TOKENS = 256
     # Speculative verification (every position's logits) replays a graph for one token and a draft of up to 15
     # per row, at most MAX_VERIFY_TOKENS padded tokens: the float32 buffer the verification graphs share holds
@@ -247,8 +247,10 @@ class NativeBatchRunner:
             return [logits[i, : len(t), : self.vocab_size] for i, t in enumerate(ids)]
         many = [i for i, t in enumerate(ids) if len(t) > 1]
         one = [i for i, t in enumerate(ids) if len(t) == 1]
-        if many and one and math.prod(_catch_up_bucket(len(ids), max(map(len, ids)))) <= self.MERGE_TOKENS:
-            many, one = list(range(len(ids))), []  # one pass for all
+        if many and one:
+            width = _catch_up_bucket(len(ids), max(map(len, ids)))[1]
+            if (_pow2(len(ids)) - _pow2(len(many))) * width <= self.MERGE_TOKENS:
+                many, one = list(range(len(ids))), []  # one pass for all
         parts = []
         if many:
             parts.append(self._catch_up([slots[i] for i in many], [ids[i] for i in many], span))

@@ -109,6 +109,9 @@ def test_a_round_mixing_one_token_rows_and_catch_ups_gives_each_rows_hf_logits(p
     native.MERGE_TOKENS = merge_tokens
     texts = [[5, 9, 40], [12, 13], [7, 3, 100, 4, 8], [2]]
     native.feed_many([0, 1, 2, 3], texts)
+    decode, decodes = native._decode, []
+    native._decode = lambda *args: decodes.append(args) or decode(*args)
+    # The one-token rows add (4 - 2) x 4 and (4 - 1) x 4 padded tokens to the catch-ups: merged unless the limit is 0.
     rounds = ([[6], [14, 15, 16], [9], [30, 31]], [[17], [2], [11, 12, 13], [8]])
     for new in rounds:
         ours = native.feed_many([0, 1, 2, 3], new)
@@ -119,6 +122,7 @@ def test_a_round_mixing_one_token_rows_and_catch_ups_gives_each_rows_hf_logits(p
                 err = ((row - ref).abs().max() / ref.abs().max()).item()
                 assert err < MAX_REL_ERR, f"after {text}: max rel err {err:.2e}"
     assert native.seen == [len(t) for t in texts]
+    assert len(decodes) == (0 if merge_tokens else 2)
 
 
 def test_native_runner_refuses_overflow_before_touching_the_cache(tiny_pairs):
