@@ -141,8 +141,9 @@ class BatchEngine:
         when n_small / (T_small + c * n_small) > n_all / T_large, else the large round carries every row, unless
         the large group has waited more than `max_wait_steps` large steps, when it goes next. T_small is the
         measured small step (`step_seconds`); T_large and c, the seconds per catch-up token, are fitted to the
-        large rounds' times against the catch-up tokens they fed (`large_costs`). Every round, the catch-up it
-        causes included, then advances at least as many rows per second as a large-only round. A row's text now depends on
+        large rounds' times against the catch-up tokens they fed (`large_costs`). By those costs every round, the
+        catch-up it causes included, then advances at least as many rows per second as a large-only round
+        (measured, not yet: BENCHMARKS.md). A row's text now depends on
         the rounds it shares with others, hence on timing: greedy runs need not repeat exactly."""
         if sync is None and getattr(pair, "large_tp", 1) > 1:
             sync = broadcast_from_first
