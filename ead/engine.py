@@ -143,8 +143,8 @@ class BatchEngine:
         measured small step (`step_seconds`); T_large and c, the seconds per catch-up token, are fitted to the
         large rounds' times against the catch-up tokens they fed (`large_costs`). By those costs every round, the
         catch-up it causes included, then advances at least as many rows per second as a large-only round
-        (measured, not yet: BENCHMARKS.md). A row's text now depends on
-        the rounds it shares with others, hence on timing: greedy runs need not repeat exactly."""
+        (measured, not yet: BENCHMARKS.md). A row's text now depends on the rounds it shares with others, hence
+        on timing: greedy runs need not repeat exactly."""
         if sync is None and getattr(pair, "large_tp", 1) > 1:
             sync = broadcast_from_first
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
