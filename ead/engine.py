@@ -426,14 +426,8 @@ class BatchEngine:
         return math.ceil(self.step_seconds[Role.LARGE] / max(self.step_seconds[Role.SMALL], 1e-9)) + 1
 
     def _mark_done(self, role: Role) -> torch.cuda.Event | _Ran:
-        """A marker whose `query()` is True once the work queued so far on `role`'s device has run: a CUDA event on
-        the device's current stream; elsewhere the work ran as it was queued."""
-        device = self.devices[role]
-        if device is None or device.type != "cuda":
-            return _Ran()
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        return event
+        """`_marker` for the work queued so far on `role`'s device (tests script it)."""
+        return _marker(self.devices[role])
 
     def _launch(self, rows: list[Sequence],
                 runner: NativeBatchRunner | HFBatchRunner) -> tuple[list[list[int]], Tensor]:
@@ -656,7 +650,7 @@ class Engine:
 
 
 class _Ran:
-    """`_mark_done` on a device that runs work as it is queued (the CPU): done at once."""
+    """`_marker` on a device that runs work as it is queued (the CPU): done at once."""
 
     def query(self) -> bool:
         return True
@@ -672,9 +666,17 @@ def _copy_to_host(summary: Tensor) -> tuple[Tensor, torch.cuda.Event | _Ran]:
         return summary, _Ran()
     host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
     host.copy_(summary, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(summary.device))
-    return host, done
+    return host, _marker(summary.device)
+
+
+def _marker(device: torch.device | None) -> torch.cuda.Event | _Ran:
+    """A marker whose `query()` is True, and whose `synchronize()` returns, once the work queued so far on `device`
+    has run (not work queued after): a CUDA event on its current stream; elsewhere the work ran as it was queued."""
+    if device is None or device.type != "cuda":
+        return _Ran()
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _rows_of(summary: Tensor, index: list[int]) -> Tensor:

@@ -137,7 +137,7 @@ class NativeBatchRunner:
     MAX_GRAPH_WIDTH = 256
     MAX_GRAPH_TOKENS = 1024
     # A round that mixes rows bringing one token with rows catching up runs as one padded catch-up pass (one read
-    # of the weights) instead of a decode and a catch-up (two), when the rows that joins to the catch-up add at most
+    # of the weights) instead of a decode and a catch-up (two), when the rows that join the catch-up add at most
     # this many padded tokens to it (none when they fit its row bucket): a pass of a large model costs about its
     # weight read up to a few hundred tokens, whatever its width.
     MERGE_TOKENS = 256
