@@ -1,0 +1,112 @@
+"""Where does a batched EAD run's time go? Every forward pass the engine makes, and how busy the GPU was.
+
+Random weights at a pair of named shapes (see ead.bench.SHAPES), `--batch` rows routed by the paper's rule on
+the synthetic entropy stream at large share `--share` (as `ead bench`), one schedule. After an untimed warm-up
+run, one timed run prints:
+- the forward passes per model and kind (decode, catch-up, catch-up with one-token rows merged in), with their
+  padded (rows x width) buckets, whether each replayed a graph, and their count;
+- wall time against the time the GPU spent in kernels (CUDA profiler): the gap is the host's.
+
+    PYTHONPATH=. python benchmarks/profile_batch.py --pair qwen2.5-1.5b:qwen2.5-14b --batch 64 --schedule throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ead.bench import random_pair, roles_for_share, run_engine, sync
+from ead.config import EngineConfig, RouterConfig
+from ead.engine import BatchEngine
+from ead.router import ScriptedRouter
+from ead.runner import _catch_up_bucket, _pow2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", default="qwen2.5-1.5b:qwen2.5-14b")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--share", type=float, default=0.25)
+    p.add_argument("--schedule", default="throughput", choices=["exact", "throughput"])
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
+    p.add_argument("--device", default="cuda", help="cpu: only to try the script on tiny shapes")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    small, large = args.pair.split(":")
+    pair = random_pair(small, large, device, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = EngineConfig(backend="native", max_seq_tokens=args.prompt_tokens + args.tokens + 8,
+                       lookahead=args.lookahead)
+    engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=args.batch)
+    engine.schedule = args.schedule
+    engine.warm_up(args.prompt_tokens + args.tokens + 1)
+    gen = torch.Generator().manual_seed(args.batch)
+    prompts = [torch.randint(3, 100, (args.prompt_tokens,), generator=gen).tolist() for _ in range(args.batch)]
+
+    def routers():
+        return [ScriptedRouter(roles_for_share(args.tokens, args.share, seed=1000 * args.batch + i))
+                for i in range(args.batch)]
+
+    run_engine(engine, prompts, args.tokens, routers())  # warm-up: graphs, kernels
+    passes: collections.Counter = collections.Counter()
+    for role, runner in engine.runners.items():
+        _count(runner, role.value, passes)
+    activity, kind = ((ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA) if device.type == "cuda" else
+                      (ProfilerActivity.CPU, torch.autograd.DeviceType.CPU))
+    sync(device)
+    with profile(activities=[activity]) as prof:
+        t0 = time.perf_counter()
+        r = run_engine(engine, prompts, args.tokens, routers())
+        sync(device)
+        wall = time.perf_counter() - t0
+    busy = sum(e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+               for e in prof.key_averages() if e.device_type == kind) / 1e6
+    print(f"{args.pair} batch {args.batch} f={args.share} {args.schedule}"
+          f"{'' if args.lookahead else ' no lookahead'}: {r['tok_per_s']:.0f} tok/s, large share "
+          f"{r['large_share']:.3f} (routed {r['routed_large_share']:.3f}), rounds small {r['rounds_small']} "
+          f"large {r['rounds_large']}, catch-up tokens {r['catchup_tokens']}")
+    print(f"wall {wall * 1e3:.0f} ms, kernels {busy * 1e3:.0f} ms ({busy / wall:.0%}), "
+          f"host gap {max(0.0, wall - busy) * 1e3:.0f} ms (profiler on)")
+    print(f"{'model':<7}{'pass':<10}{'rows x width':>14}{'graph':>7}{'count':>7}{'tokens':>9}")
+    for (model, kind, bucket, graphed), (count, tokens) in sorted(_totals(passes).items()):
+        print(f"{model:<7}{kind:<10}{f'{bucket[0]} x {bucket[1]}':>14}{'yes' if graphed else 'no':>7}"
+              f"{count:>7}{tokens:>9}")
+
+
+def _count(runner, model: str, passes: collections.Counter) -> None:
+    """Wrap the runner's two pass functions to count each call by kind and padded bucket."""
+    catch_up, decode = runner._catch_up, runner._decode
+
+    def counted_catch_up(slots, ids, span, last_only=True):
+        n, width = len(slots), max(map(len, ids))
+        bucket = _catch_up_bucket(n, width)
+        buckets = runner._catch_up_buckets() if last_only else runner._verify_buckets()
+        graphed = runner.use_graphs and bucket in buckets
+        kind = "verify" if not last_only else ("merged" if min(map(len, ids)) == 1 else "catch-up")
+        passes[(model, kind, bucket if graphed else (n, width), graphed, sum(map(len, ids)))] += 1
+        return catch_up(slots, ids, span, last_only)
+
+    def counted_decode(slots, tokens, span):
+        batch = min(runner.max_batch, _pow2(max(slots) + 1))
+        passes[(model, "decode", (batch, 1), runner.use_graphs, len(slots))] += 1
+        return decode(slots, tokens, span)
+
+    runner._catch_up, runner._decode = counted_catch_up, counted_decode
+
+
+def _totals(passes: collections.Counter) -> dict:
+    out: dict = {}
+    for (model, kind, bucket, graphed, tokens), count in passes.items():
+        c, t = out.get((model, kind, bucket, graphed), (0, 0))
+        out[(model, kind, bucket, graphed)] = (c + count, t + count * tokens)
+    return out
+
+
+if __name__ == "__main__":
+    main()
