@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--small", default=None)
     p.add_argument("--large", default=None)
+    p.add_argument("--no-hf", dest="hf", action="store_false",
+                   help="leave out transformers' plain and assisted generate rows (slow: eager, batch 1)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     backend = args.backend or ("native" if torch.device(args.device).type == "cuda" else "hf")
@@ -72,7 +74,7 @@ def main() -> None:
 
     rows = run_modes(pair, prompts, args.tokens, modes, EngineConfig(backend=backend), args.batch, label, emit,
                      args.repeats)
-    if is_transformers(pair.large.model):
+    if args.hf and is_transformers(pair.large.model):
         for row in hf_generate_rows(pair, prompts, args.tokens):
             row = {**label, **row, "vs_large_only": row["tok_per_s"] / rows[0]["tok_per_s"]}
             rows.append(row)

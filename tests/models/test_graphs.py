@@ -163,7 +163,7 @@ def test_batch_engine_on_cuda_equals_hf_engine_row_by_row(tiny_pairs):
 def test_verification_graphs_equal_eager_unfused_passes():
     """Speculation's verification passes (every position's logits, `all_logits`) replayed from graphs with
     compiled kernels, against the same runner eager and unfused, float32: rows of different lengths, drafts of
-    1 to 12 tokens (width buckets 8 and 16), rows rolled back between passes as speculation does, two spans."""
+    1 to 12 tokens (width buckets 4, 8 and 16), rows rolled back between passes as speculation does, two spans."""
     hf = build_model("qwen2", vocab_size=512, hidden=128, layers=3, seed=1).to("cuda", torch.float32)
     hf.config.max_position_embeddings = 1024  # rope is computed on the fly; room for two span buckets
     fast = NativeBatchRunner.from_hf(hf, 512, max_seq_tokens=600, cuda_graphs=True, max_batch=4, fused_kernels=True)
@@ -185,7 +185,7 @@ def test_verification_graphs_equal_eager_unfused_passes():
             for runner in (fast, slow):
                 runner.truncate(s, runner.seen[s] - step % len(t))
     assert fast.seen == slow.seen and fast.cache.lengths.tolist() == slow.cache.lengths.tolist()
-    assert {w for _, w, _ in fast.verify_graphs} == {8, 16} and {s for *_, s in fast.verify_graphs} == {256, 512}
+    assert {w for _, w, _ in fast.verify_graphs} == {4, 8, 16} and {s for *_, s in fast.verify_graphs} == {256, 512}
 
 
 def test_speculative_engine_replays_captured_verification_graphs_and_writes_the_large_models_text(
