@@ -1,5 +1,6 @@
-"""Reports over finished (or partial) run directories: the paper's table per dataset, the accuracy vs
-large-share Pareto plot, and for MATH a breakdown by level and subject, as report.md and report.html.
+"""Reports over finished (or partial) run directories: the paper's table per dataset, the Pareto plot of
+accuracy against large share and against wall-clock speed-up, and for MATH a breakdown by level and subject, as
+report.md and report.html.
 
 Everything shown is read back from each run's results.jsonl and manifest.json; the plotted points are also
 written to pareto.json so a reader (or a test) can check the figure against the rows.
@@ -12,6 +13,7 @@ import html
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,17 +108,35 @@ def summarize_run(run: Run, large: Run | None) -> dict:
            "correct": sum(r["correct"] for r in rows), "accuracy": accuracy(rows), "large_share": f,
            "target_share": run.target_share, "per_problem": share_spread(rows) if routes else None,
            "cost_reduction": 1 - cost_ratio(f, p_small, p_large) if p_small and p_large else math.nan,
-           "cut": sum(r["finish_reason"] == "length" for r in rows), "kept": math.nan, "speedup": math.nan}
-    if large is not None and rows:
-        theirs = {r["id"]: r for r in large.rows}
-        mine = [r for r in rows if r["id"] in theirs]
-        ref = [theirs[r["id"]] for r in mine]
-        if mine and accuracy(ref) > 0:
-            out["kept"] = accuracy(mine) / accuracy(ref)
-        seconds = sum(_wall(r) for r in mine)
-        if mine and seconds > 0:
-            out["speedup"] = sum(_wall(r) for r in ref) / seconds
+           "cut": sum(r["finish_reason"] == "length" for r in rows), "kept": math.nan,
+           "speedup": wall_speedup(run, large)}
+    mine, ref = _paired_rows(run, large)
+    if mine and accuracy(ref) > 0:
+        out["kept"] = accuracy(mine) / accuracy(ref)
     return out
+
+
+def large_only(runs: list[Run]) -> Run | None:
+    """The run every other run of a dataset is compared with: its large-only run, if it has one."""
+    return next((r for r in runs if r.mode == "large"), None)
+
+
+def _paired_rows(run: Run, large: Run | None) -> tuple[list[dict], list[dict]]:
+    """This run's rows on the problems the large-only run also finished, and the large-only run's rows for the
+    same problems in the same order; both empty without a large-only run."""
+    if large is None:
+        return [], []
+    theirs = {r["id"]: r for r in large.rows}
+    mine = [r for r in run.rows if r["id"] in theirs]
+    return mine, [theirs[r["id"]] for r in mine]
+
+
+def wall_speedup(run: Run, large: Run | None) -> float:
+    """Wall-clock seconds of the large-only run over this run's, on the problems both finished (x, > 1 is
+    faster); NaN without a large-only run, a shared problem or any time spent."""
+    mine, ref = _paired_rows(run, large)
+    seconds = sum(_wall(r) for r in mine)
+    return sum(_wall(r) for r in ref) / seconds if mine and seconds > 0 else math.nan
 
 
 def _wall(row: dict) -> float:
@@ -129,7 +149,7 @@ def _pct(x: float) -> str:
 
 
 def results_table(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
-    large = next((r for r in runs if r.mode == "large"), None)
+    large = large_only(runs)
     stats = [summarize_run(r, large) for r in runs]
     head = ["run", "signal", "accuracy", "% of large acc.", "% tokens by large", "target share",
             "share per problem: mean ± sd [p10, p90]", "cost reduction", "wall-clock speed-up", "cut answers"]
@@ -163,72 +183,95 @@ def breakdown_table(runs: list[Run], key: str) -> tuple[list[str], list[list[str
 
 
 def pareto_points(runs: list[Run]) -> list[dict]:
-    """One point per run: x the large model's token share, y accuracy, both fractions; with the run's signal,
-    tau (budget mode: its start), hysteresis tau_down and target share where it has them."""
+    """One point per run: the large model's token share, accuracy (both fractions) and the wall-clock speed-up
+    over the large-only run of `runs` (wall_speedup; NaN without one); with the run's signal, tau (budget mode:
+    its start), hysteresis tau_down and target share where it has them."""
+    large = large_only(runs)
     return [{"run": r.label, "path": str(r.path), "mode": r.mode, "signal": r.signal, "tau": r.tau,
              "tau_down": r.manifest["config"].get("tau_down"), "target_share": r.target_share, "n": len(r.rows),
-             "large_share": overall_large_share(r.rows), "accuracy": accuracy(r.rows)} for r in runs if r.rows]
+             "large_share": overall_large_share(r.rows), "accuracy": accuracy(r.rows),
+             "speedup": wall_speedup(r, large)} for r in runs if r.rows]
 
 
 def pareto_figure(points: list[dict], title: str):
-    """Accuracy vs large share: one colour and marker per routing signal (static-tau EAD runs joined in order of
+    """Two panels, accuracy against the large share (left) and against wall-clock speed-up over large only
+    (right, only the points that have one; speculative decoding writes every token with the large model, so only
+    here does its speed show). One colour and marker per routing signal (static-tau EAD runs joined in order of
     share and labelled with their tau, budget runs hollow and labelled with their target), the random control as
     a dashed curve, small and large as single markers. Each artist's gid says what it holds ("ead-<signal>",
-    "budget-<signal>", "random", "hybrid", "small", ...), so the plotted data can be read back."""
+    "budget-<signal>", "random", "hybrid", "small", ...; "speed-" before it on the right), so the plotted data
+    can be read back."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.8), dpi=110)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(14, 4.8), dpi=110, layout="constrained")
+    share_ax, speed_ax = fig.subplots(1, 2)
+    _draw_modes(share_ax, points, lambda p: 100 * p["large_share"])
+    share_ax.set_xlabel("tokens written by the large model (%)")
+    share_ax.set_title(title)
+    share_ax.legend(loc="lower right", fontsize=8)
+
+    timed = [p for p in points if not math.isnan(p.get("speedup", math.nan))]
+    if timed:
+        speed_ax.axvline(1, color="tab:gray", linestyle=":", zorder=0, gid="speed-parity")
+        _draw_modes(speed_ax, timed, lambda p: p["speedup"], gid_prefix="speed-")
+    else:
+        speed_ax.text(0.5, 0.5, "no large-only run of this dataset: no speed-up to plot", ha="center",
+                      va="center", transform=speed_ax.transAxes, gid="speed-none")
+        speed_ax.set_xticks([])
+        speed_ax.set_yticks([])
+    speed_ax.set_xlabel("speed-up over large only (wall clock, x)")
+    speed_ax.set_title("accuracy vs wall-clock speed-up")
+    for ax in (share_ax, speed_ax):
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _draw_modes(ax, points: list[dict], x_of: Callable[[dict], float], gid_prefix: str = "") -> None:
+    """Every mode's points on one panel at (x_of(point), accuracy in %), each series in order of large share."""
 
     def group(mode: str, signal: str | None = None) -> tuple[list[dict], list[float], list[float]]:
         ps = sorted((p for p in points if p["mode"] == mode and (signal is None or p["signal"] == signal)),
                     key=lambda p: p["large_share"])
-        return ps, [100 * p["large_share"] for p in ps], [100 * p["accuracy"] for p in ps]
+        return ps, [x_of(p) for p in ps], [100 * p["accuracy"] for p in ps]
 
     _, x, y = group("random")
     if x:
-        ax.plot(x, y, "X--", color="tab:gray", label="random control", gid="random", zorder=2)
+        ax.plot(x, y, "X--", color="tab:gray", label="random control", gid=f"{gid_prefix}random", zorder=2)
     for signal, (color, marker) in SIGNAL_STYLE.items():
         ps, x, y = group("ead", signal)
         if ps:
             ax.plot(x, y, "-", color=color, alpha=0.35, zorder=1)
             ax.scatter(x, y, marker=marker, color=color, s=60, edgecolors="black", linewidths=0.5, zorder=3,
-                       label=f"EAD {signal}", gid=f"ead-{signal}")
+                       label=f"EAD {signal}", gid=f"{gid_prefix}ead-{signal}")
             for p, xi, yi in zip(ps, x, y):
                 ax.annotate(f"{p['tau']:.3g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=color)
         ps, x, y = group("budget", signal)
         if ps:
             ax.scatter(x, y, marker=marker, facecolors="none", edgecolors=color, linewidths=2, s=130, zorder=4,
-                       label=f"EAD {signal} budget", gid=f"budget-{signal}")
+                       label=f"EAD {signal} budget", gid=f"{gid_prefix}budget-{signal}")
             for p, xi, yi in zip(ps, x, y):
                 ax.annotate(f"budget {100 * p['target_share']:.3g}%", (xi, yi), textcoords="offset points",
                             xytext=(5, -10), fontsize=7, color=color)
     _, x, y = group("hybrid")
     if x:
-        ax.plot(x, y, "D-", color="tab:green", label="hybrid (EAD + speculation)", gid="hybrid", zorder=4)
+        ax.plot(x, y, "D-", color="tab:green", label="hybrid (EAD + speculation)", gid=f"{gid_prefix}hybrid",
+                zorder=4)
     for mode, marker, color, label in (("small", "s", "tab:orange", "small only"),
                                        ("large", "*", "tab:red", "large only"),
                                        ("speculative", "P", "tab:purple", "speculative")):
         _, x, y = group(mode)
         if x:
-            ax.scatter(x, y, marker=marker, s=120, color=color, label=label, gid=mode, zorder=3)
-    ax.set_xlabel("tokens written by the large model (%)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return fig
+            ax.scatter(x, y, marker=marker, s=120, color=color, label=label, gid=f"{gid_prefix}{mode}", zorder=3)
 
 
 def write_report(runs: list[Run], out: Path) -> list[Path]:
     """report.md, report.html (the figure inlined), one pareto PNG and JSON per dataset. Returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     sections, written = [], []
-    datasets = {}
-    for r in runs:
-        datasets.setdefault(r.manifest["dataset"]["sha256"], []).append(r)
-    for i, group in enumerate(datasets.values()):
+    datasets = by_dataset(runs)
+    for i, group in enumerate(datasets):
         d = group[0].manifest["dataset"]
         stem = "pareto" if len(datasets) == 1 else f"pareto-{i + 1}"
         points = pareto_points(group)
@@ -253,6 +296,8 @@ def _dataset_section(runs: list[Run], png: Path) -> dict:
              f"graded by {', '.join(graders)}; max_new_tokens {', '.join(budgets)}",
              ("% of large acc. and speed-up compare with the large-only run on the problems both finished; cost "
               "reduction is the paper's 1 - ((1-f) P_small + f P_large) / P_large; cut = stopped by max_new_tokens"),
+             ("speed-up (and the plot's right panel) is measured wall-clock time: it compares only runs made one after "
+              "another in one process on one machine, not runs that shared a GPU concurrently"),
              ("target share: budget mode's target, the random control's F, or a calibrated tau's target; share per "
               "problem: each problem's own large share, its mean and sd over the problems and 10th/90th percentiles")]
     head, body, _ = results_table(runs)
@@ -264,10 +309,22 @@ def _dataset_section(runs: list[Run], png: Path) -> dict:
     return {"title": d["name"], "notes": notes, "tables": tables, "png": png}
 
 
+def by_dataset(runs: list[Run]) -> list[list[Run]]:
+    """The runs grouped by the dataset file they read (its sha256), in order of first appearance: each group is
+    compared with its own large-only run."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.manifest["dataset"]["sha256"], []).append(r)
+    return list(groups.values())
+
+
 def results_markdown(runs: list[Run]) -> str:
-    """The results table alone, as the CLI prints it after a run."""
-    head, body, _ = results_table(runs)
-    return _md_table(head, body)
+    """The results table alone, as the CLI prints it after a run: one table per dataset."""
+    tables = []
+    for group in by_dataset(runs):
+        head, body, _ = results_table(group)
+        tables.append(_md_table(head, body))
+    return "\n".join(tables)
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> str:

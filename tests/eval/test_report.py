@@ -206,3 +206,81 @@ def test_pareto_groups_points_by_signal(signal_sweep, capsys):
     [random_line] = [line for line in ax.lines if line.get_gid() == "random"]
     np.testing.assert_allclose(np.column_stack(random_line.get_data()), [[25, 25]])
     assert "budget 25%" in [t.get_text() for t in ax.texts]
+
+
+# Speed against accuracy: wall_seconds per problem differ from the batched rows' own `seconds`, and only the former
+# count. gsm8k has a large-only run; math500 has none, so its runs have no speed-up and no point on the right panel.
+# name -> (dataset, config, label, correct per problem, (small, large) tokens, seconds, wall_seconds per problem)
+SPEED_RUNS = {
+    "large": ("gsm8k", {"mode": "large"}, "large only", [1, 1, 1, 0], (0, 100), 12.0, 4.0),
+    "speculative": ("gsm8k", {"mode": "speculative"}, "speculative", [1, 1, 1, 0], (0, 100), 6.0, 2.0),
+    "hybrid": ("gsm8k", {"mode": "hybrid", "tau": 0.5}, "hybrid tau=0.5", [1, 1, 0, 0], (80, 20), 3.0, 1.6),
+    "ead-tau1": ("gsm8k", {"mode": "ead", "tau": 1.0}, "EAD tau=1", [1, 0, 0, 0], (90, 10), 2.0, 1.0),
+    "m500-small": ("math500", {"mode": "small"}, "small only", [1, 0, 0, 0], (100, 0), 1.0, 0.5),
+    "m500-ead": ("math500", {"mode": "ead", "tau": 1.0}, "EAD tau=1 (MATH)", [1, 1, 0, 0], (90, 10), 2.0, 1.0),
+}
+
+
+@pytest.fixture
+def speed_sweep(tmp_path):
+    root = tmp_path / "speed"
+    for name, (dataset, config, label, correct, (ts, tl), seconds, wall) in SPEED_RUNS.items():
+        rows = [{"id": f"p{i}", "correct": bool(c), "tokens_small": ts, "tokens_large": tl, "seconds": seconds,
+                 "wall_seconds": wall, "finish_reason": "stop"} for i, c in enumerate(correct)]
+        write_run(root / name, {"max_new_tokens": 1024, "large_share": None, **config}, label,
+                  {"name": dataset, "sha256": dataset[:2] * 32}, rows)
+    return root
+
+
+def test_speed_panel_places_speculative_by_wall_clock(speed_sweep, capsys):
+    assert main(["report", str(speed_sweep), "--out", str(speed_sweep / "rep")]) == 0
+    points = {}
+    for stem in ("pareto-1", "pareto-2"):
+        data = json.loads((speed_sweep / "rep" / f"{stem}.json").read_text())
+        points[data["dataset"]["name"]] = data["points"]
+    # gsm8k: large-only takes 4 x 4.0 s; speculative 4 x 2.0 -> 2x, hybrid 4 x 1.6 -> 2.5x, EAD 4 x 1.0 -> 4x.
+    assert {p["run"]: p["speedup"] for p in points["gsm8k"]} == pytest.approx(
+        {"large only": 1.0, "speculative": 2.0, "hybrid tau=0.5": 2.5, "EAD tau=1": 4.0})
+    # math500 has no large-only run: no speed-up.
+    assert all(np.isnan(p["speedup"]) for p in points["math500"]) and len(points["math500"]) == 2
+
+    fig = pareto_figure(points["gsm8k"], "t")
+    share_ax, speed_ax = fig.axes
+    share = {c.get_gid(): c for c in share_ax.collections}
+    np.testing.assert_allclose(share["speculative"].get_offsets(), [[100, 75]])  # on top of large only
+    np.testing.assert_allclose(share["large"].get_offsets(), [[100, 75]])
+    speed = {c.get_gid(): c for c in speed_ax.collections}
+    assert set(speed) == {"speed-large", "speed-speculative", "speed-ead-entropy"}
+    np.testing.assert_allclose(speed["speed-speculative"].get_offsets(), [[2.0, 75]])
+    np.testing.assert_allclose(speed["speed-large"].get_offsets(), [[1.0, 75]])
+    np.testing.assert_allclose(speed["speed-ead-entropy"].get_offsets(), [[4.0, 25]])
+    lines = {line.get_gid(): line for line in speed_ax.lines}
+    np.testing.assert_allclose(np.column_stack(lines["speed-hybrid"].get_data()), [[2.5, 50]])
+    assert list(lines["speed-parity"].get_xdata()) == [1, 1]  # the vertical line at large only's speed
+    # Same colour and marker on both panels.
+    assert share["speculative"].get_facecolors().tolist() == speed["speed-speculative"].get_facecolors().tolist()
+    np.testing.assert_array_equal(share["speculative"].get_paths()[0].vertices,
+                                  speed["speed-speculative"].get_paths()[0].vertices)
+
+    # No large-only run: nothing on the right panel but a note saying why.
+    fig = pareto_figure(points["math500"], "t")
+    share_ax, speed_ax = fig.axes
+    assert {c.get_gid() for c in share_ax.collections} == {"small", "ead-entropy"}
+    assert len(speed_ax.collections) == len(speed_ax.lines) == 0
+    assert [t.get_gid() for t in speed_ax.texts] == ["speed-none"]
+    fig.savefig(speed_sweep / "no-speed.png")  # draws without a point to scale the axis by
+
+    md = (speed_sweep / "rep" / "report.md").read_text()
+    assert md.count("measured wall-clock time") == 2  # the note, once per dataset
+
+
+def test_printed_table_compares_each_dataset_with_its_own_large_only_run(speed_sweep, capsys):
+    """`ead report` over two datasets prints one table each: math500's runs, which have no large-only run, get
+    no speed-up rather than one against gsm8k's large-only run."""
+    assert main(["report", str(speed_sweep), "--out", str(speed_sweep / "rep")]) == 0
+    tables = capsys.readouterr().out.strip().split("\n\n")
+    assert len(tables) == 2
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for t in tables for line in t.splitlines()[2:]}
+    assert rows["speculative"][8] == "2.00x"  # gsm8k: 4 x 4.0 s of large only over 4 x 2.0 s
+    small = next(cells for name, cells in rows.items() if name == "small only")
+    assert small[8] == "–"
