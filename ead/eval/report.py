@@ -254,10 +254,13 @@ def _draw_modes(ax, points: list[dict], x_of: Callable[[dict], float], gid_prefi
             for p, xi, yi in zip(ps, x, y):
                 ax.annotate(f"budget {100 * p['target_share']:.3g}%", (xi, yi), textcoords="offset points",
                             xytext=(5, -10), fontsize=7, color=color)
-    _, x, y = group("hybrid")
+    ps, x, y = group("hybrid")
     if x:
         ax.plot(x, y, "D-", color="tab:green", label="hybrid (EAD + speculation)", gid=f"{gid_prefix}hybrid",
                 zorder=4)
+        for p, xi, yi in zip(ps, x, y):
+            ax.annotate(f"{p['tau']:.3g}", (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color="tab:green")
     for mode, marker, color, label in (("small", "s", "tab:orange", "small only"),
                                        ("large", "*", "tab:red", "large only"),
                                        ("speculative", "P", "tab:purple", "speculative")):
