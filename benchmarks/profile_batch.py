@@ -4,7 +4,8 @@ Random weights at a pair of named shapes (see ead.bench.SHAPES), `--batch` rows 
 the synthetic entropy stream at large share `--share` (as `ead bench`), one schedule. After an untimed warm-up
 run, one timed run prints:
 - the forward passes per model and kind (decode, catch-up, catch-up with one-token rows merged in), with their
-  padded (rows x width) buckets, whether each replayed a graph, and their count;
+  padded (rows x width) buckets, whether each replayed a graph, their count, tokens and device time (CUDA events
+  around each pass, read after the run: no sync added);
 - wall time against the time the GPU spent in kernels (CUDA profiler): the gap is the host's.
 
     PYTHONPATH=. python benchmarks/profile_batch.py --pair qwen2.5-1.5b:qwen2.5-14b --batch 64 --schedule throughput
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
+    p.add_argument("--guard-rounds", type=int, default=32, help="the throughput schedule's guard window (0 = off)")
     p.add_argument("--device", default="cuda", help="cpu: only to try the script on tiny shapes")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -43,7 +45,7 @@ def main() -> None:
     pair = random_pair(small, large, device, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = EngineConfig(backend="native", max_seq_tokens=args.prompt_tokens + args.tokens + 8,
                        lookahead=args.lookahead)
-    engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=args.batch)
+    engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=args.batch, guard_rounds=args.guard_rounds)
     engine.schedule = args.schedule
     engine.warm_up(args.prompt_tokens + args.tokens + 1)
     gen = torch.Generator().manual_seed(args.batch)
@@ -53,10 +55,11 @@ def main() -> None:
         return [ScriptedRouter(roles_for_share(args.tokens, args.share, seed=1000 * args.batch + i))
                 for i in range(args.batch)]
 
-    run_engine(engine, prompts, args.tokens, routers())  # warm-up: graphs, kernels
+    run_engine(engine, prompts, args.tokens, routers())  # warm-up: graphs, kernels (run_engine resets the guard)
     passes: collections.Counter = collections.Counter()
+    timed: list = []  # (key, start event, end event) per pass, on CUDA
     for role, runner in engine.runners.items():
-        _count(runner, role.value, passes)
+        _count(runner, role.value, passes, timed if device.type == "cuda" else None)
     activity, kind = ((ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA) if device.type == "cuda" else
                       (ProfilerActivity.CPU, torch.autograd.DeviceType.CPU))
     sync(device)
@@ -73,15 +76,32 @@ def main() -> None:
           f"large {r['rounds_large']}, catch-up tokens {r['catchup_tokens']}")
     print(f"wall {wall * 1e3:.0f} ms, kernels {busy * 1e3:.0f} ms ({busy / wall:.0%}), "
           f"host gap {max(0.0, wall - busy) * 1e3:.0f} ms (profiler on)")
-    print(f"{'model':<7}{'pass':<10}{'rows x width':>14}{'graph':>7}{'count':>7}{'tokens':>9}")
-    for (model, kind, bucket, graphed), (count, tokens) in sorted(_totals(passes).items()):
+    ms: collections.Counter = collections.Counter()
+    for key, start, end in timed:
+        ms[key] += start.elapsed_time(end)
+    print(f"guard: {engine.fallback_rounds} large-only rounds forced")
+    print(f"{'model':<7}{'pass':<10}{'rows x width':>14}{'graph':>7}{'count':>7}{'tokens':>9}{'ms':>9}{'ms/pass':>9}")
+    for key, (count, tokens) in sorted(_totals(passes).items()):
+        model, kind, bucket, graphed = key
         print(f"{model:<7}{kind:<10}{f'{bucket[0]} x {bucket[1]}':>14}{'yes' if graphed else 'no':>7}"
-              f"{count:>7}{tokens:>9}")
+              f"{count:>7}{tokens:>9}{ms[key]:>9.1f}{ms[key] / count:>9.2f}")
+    print(f"device time in passes: {sum(ms.values()):.0f} ms")
 
 
-def _count(runner, model: str, passes: collections.Counter) -> None:
-    """Wrap the runner's two pass functions to count each call by kind and padded bucket."""
+def _count(runner, model: str, passes: collections.Counter, timed: list | None) -> None:
+    """Wrap the runner's two pass functions to count each call by kind and padded bucket, and on CUDA to time it
+    with a pair of events (appended to `timed` with the call's key)."""
     catch_up, decode = runner._catch_up, runner._decode
+
+    def time_it(key, run):
+        if timed is None:
+            return run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = run()
+        end.record()
+        timed.append((key, start, end))
+        return out
 
     def counted_catch_up(slots, ids, span, last_only=True):
         n, width = len(slots), max(map(len, ids))
@@ -90,12 +110,13 @@ def _count(runner, model: str, passes: collections.Counter) -> None:
         graphed = runner.use_graphs and bucket in buckets
         kind = "verify" if not last_only else ("merged" if min(map(len, ids)) == 1 else "catch-up")
         passes[(model, kind, bucket if graphed else (n, width), graphed, sum(map(len, ids)))] += 1
-        return catch_up(slots, ids, span, last_only)
+        key = (model, kind, bucket if graphed else (n, width), graphed)
+        return time_it(key, lambda: catch_up(slots, ids, span, last_only))
 
     def counted_decode(slots, tokens, span):
         batch = min(runner.max_batch, _pow2(max(slots) + 1))
         passes[(model, "decode", (batch, 1), runner.use_graphs, len(slots))] += 1
-        return decode(slots, tokens, span)
+        return time_it((model, "decode", (batch, 1), runner.use_graphs), lambda: decode(slots, tokens, span))
 
     runner._catch_up, runner._decode = counted_catch_up, counted_decode
 

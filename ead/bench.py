@@ -240,7 +240,8 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
     from ead.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    before = (dict(engine.rounds), dict(engine.rows_stepped), engine.ride_along_tokens)
+    before = (dict(engine.rounds), dict(engine.rows_stepped), engine.ride_along_tokens, engine.fallback_rounds)
+    engine.reset_guard()
     sync_engine(engine)
     t0 = time.perf_counter()
     results = engine.generate_many(prompts, params, routers)
@@ -262,7 +263,7 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
     return {**rounds, **rows,
             "rows": len(prompts), "tokens": len(steps), "seconds": seconds, "tok_per_s": len(steps) / seconds,
             "large_share": n_large / len(steps), "routed_large_share": (n_large - ride_along) / len(steps),
-            "ride_along_tokens": ride_along,
+            "ride_along_tokens": ride_along, "guard_rounds": engine.fallback_rounds - before[3],
             "row_ms_per_token": statistics.mean(r.stats.seconds / len(r.token_ids) * 1e3 for r in results),
             "step_ms_small": statistics.median(one[Role.SMALL]) if one[Role.SMALL] else None,
             "step_ms_large": statistics.median(one[Role.LARGE]) if one[Role.LARGE] else None,
@@ -285,7 +286,8 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
         out = {"config": "engine", **label, "batch": batch}
         try:
             with memory_scope(pair.device, out):
-                engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=batch)
+                engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=batch,
+                                     guard_rounds=getattr(args, "guard_rounds", 32))
                 t0 = time.perf_counter()
                 engine.warm_up(args.prompt_tokens + args.tokens + 1)
                 out["capture_s"] = round(time.perf_counter() - t0, 2)
@@ -446,6 +448,8 @@ def register(subparsers) -> None:
                    help="run every forward pass eagerly (to compare, or where capture fails)")
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                    help="read each round before launching the next (EngineConfig.lookahead), to time what it saves")
+    p.add_argument("--guard-rounds", type=int, default=32,
+                   help="the throughput schedule's guard window in rounds (BatchEngine.guard_rounds; 0 = off)")
     from ead.cli import add_parallel_args
 
     add_parallel_args(p)
@@ -550,7 +554,8 @@ def markdown(rows: list[dict]) -> str:
                 f += f" ({r['routed_large_share']:.3f})"
             lines.append(f"| {r['pair']} | {r['batch']} | {r['mode']} | {f} | {r['tok_per_s']:.1f} "
                          f"| {ideal} | {of} | {r['vs_large_only']:.2f}x | {r['row_ms_per_token']:.2f} | "
-                         f"{r['switches']} | {r['rounds_small']}/{r['rounds_large']} | "
+                         f"{r['switches']} | {r['rounds_small']}/{r['rounds_large']}"
+                         f"{f' ({g} by the guard)' if (g := r.get('guard_rounds')) else ''} | "
                          f"{r['rows_per_round_small']}/{r['rows_per_round_large']} | {r.get('peak_mem_gib', '')} | "
                          f"{r.get('cuda_mallocs', '')} |")
         if "error" in r and r["config"] != "speculation":

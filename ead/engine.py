@@ -19,7 +19,11 @@ That is the "exact" schedule: every row writes what it writes alone. The "throug
 lets a large round carry the rows in small mode as well ("ride-along": they would only wait through it, and a
 memory-bound step costs about the same for more rows), and picks the round that advances more rows per second,
 so that no round is slower per token than a round of large-only decoding; the rows then get some of the large
-model's tokens they were not routed to, and their text depends on the company they keep (see `__init__`).
+model's tokens they were not routed to, and their text depends on the company they keep (see `__init__`). Its
+rule works from fitted costs; a guard checks it against the clock (`_guard`): when the last `guard_rounds`
+rounds wrote fewer tokens per second than large rounds alone would have, every row rides along for a while
+(large-only decoding, the large model's text), and EAD rounds are tried again after it, each failed try
+doubling the wait.
 
 With the models on two GPUs (`concurrent`), neither waits for the other: the large group's step is launched on
 its GPU, and the small group steps on the other, again and again, until that step is done (`_run_ahead`).
@@ -118,7 +122,7 @@ class BatchEngine:
     def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
                  max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75, mode: str = "ead",
                  speculative: SpeculativeConfig | None = None, sync: Callable[[Tensor], Tensor] | None = None,
-                 schedule: str = "exact") -> None:
+                 schedule: str = "exact", guard_rounds: int = 32) -> None:
         """`sync`, for a model split across processes (ead.models.tensor_parallel): applied to each round's
         (rows, 5) summary of signals and tokens before the routers read it, e.g. `broadcast_from_first`, so
         that one rank's sampler and routers decide for all (and to the round's choice of group, which reads
@@ -144,7 +148,10 @@ class BatchEngine:
         large rounds' times against the catch-up tokens they fed (`large_costs`). By those costs every round, the
         catch-up it causes included, then advances at least as many rows per second as a large-only round
         (measured, not yet: BENCHMARKS.md). A row's text now depends on the rounds it shares with others, hence
-        on timing: greedy runs need not repeat exactly."""
+        on timing: greedy runs need not repeat exactly.
+
+        `guard_rounds` (throughput schedule, one device; 0 = off): the window of the guard (`_guard`) that holds
+        the schedule to large-only throughput by the clock, whatever the fitted costs say."""
         if sync is None and getattr(pair, "large_tp", 1) > 1:
             sync = broadcast_from_first
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -164,6 +171,8 @@ class BatchEngine:
         self.engine_cfg = engine_cfg or EngineConfig()
         if isinstance(max_wait_steps, bool) or not isinstance(max_wait_steps, (int, float)) or max_wait_steps < 0:
             raise ConfigError(f"max_wait_steps must be a number >= 0, got {max_wait_steps!r}")
+        if isinstance(guard_rounds, bool) or not isinstance(guard_rounds, int) or guard_rounds < 0:
+            raise ConfigError(f"guard_rounds must be an integer >= 0 (0 = no guard), got {guard_rounds!r}")
         if isinstance(large_fill, bool) or not isinstance(large_fill, (int, float)) or not 0 <= large_fill <= 1:
             raise ConfigError(f"large_fill must be a fraction in [0, 1], got {large_fill!r}")
         self.max_batch, self.max_wait_steps, self.large_fill = max_batch, max_wait_steps, large_fill
@@ -209,6 +218,15 @@ class BatchEngine:
         self.t_read = 0.0  # when the host last read a round's summary
         # Large rounds' (catch-up tokens fed, seconds), as decayed sums of 1, x, y, x*x and x*y (`large_costs`).
         self.large_fit = [0.0] * 5
+        # The throughput schedule's guard (`_guard`): the EAD rounds of the current try as (tokens, seconds,
+        # running rows); the large-only rounds still to run, the length of the next such spell, how many rounds
+        # spells forced; the seconds of the last spell's rounds (its first, the riders' catch-up, left out);
+        # whether this round is one of a spell.
+        self.guard_rounds = guard_rounds
+        self.recent: list[tuple[int, float, int]] = []
+        self.fallback_left, self.fallback_len, self.fallback_rounds = 0, guard_rounds, 0
+        self.spell_seconds: list[float] = []
+        self.forced = False
 
     @property
     def running(self) -> int:
@@ -284,6 +302,11 @@ class BatchEngine:
         nonempty = [role for role, rows in groups.items() if rows]
         bound = self.max_wait_steps * self.step_seconds[Role.LARGE]
         if self.schedule == "throughput":  # a small round advances the small rows, a large round every row
+            self.forced = self.fallback_left > 0
+            if self.forced:  # the guard found EAD rounds slower than large-only ones: large-only for a while
+                self.fallback_left -= 1
+                self.fallback_rounds += 1
+                return Role.LARGE
             if groups[Role.LARGE] and self.waited[Role.LARGE] > bound:
                 return Role.LARGE
             n_small, n_all = len(groups[Role.SMALL]), len(groups[Role.SMALL]) + len(groups[Role.LARGE])
@@ -324,7 +347,7 @@ class BatchEngine:
                 # stands for all, or the ranks would step different models and their collectives would not meet.
                 first = self.sync(torch.tensor([float(roles[0] is Role.LARGE)], device=self.pair.device))
                 roles = [Role.LARGE if first.item() else Role.SMALL]
-        t0 = time.perf_counter()
+        t0 = t_round = time.perf_counter()
         if roles == [Role.LARGE] and self.speculator is not None:
             # The small model drafts and the large one verifies every row's draft in one pass (one host sync
             # per draft step and one for the verification, see ead.speculative).
@@ -369,7 +392,43 @@ class BatchEngine:
                 self._fit_large(sum(map(len, feeds)) - len(feeds), step_ms / 1e3)
             for seq, fed, row in zip(rows[role], feeds, values[role]):
                 events.append((seq, self._advance(seq, role, fed, row, step_ms)))
+        if self.schedule == "throughput" and self.guard_rounds and len(roles) == 1:
+            self._guard(len(events), time.perf_counter() - t_round, len(active))
         return events
+
+    def reset_guard(self) -> None:
+        """Start the guard afresh (a new workload): no spell pending, the next spell one try long. The last
+        spell's measured T_large is kept: it depends on the batch, not on the rows."""
+        self.recent, self.forced = [], False
+        self.fallback_left, self.fallback_len = 0, self.guard_rounds
+
+    def _guard(self, tokens: int, seconds: float, running: int) -> None:
+        """Hold the throughput schedule to large-only throughput by the clock. Each EAD round adds (its tokens,
+        its seconds from its launch to its tokens booked, the rows running) to the current try. After
+        `guard_rounds` of them the try is judged against large-only decoding of the same rows: T_large seconds
+        a round for one token each, T_large measured the same way over the last spell of large-only rounds
+        (before the first spell, the fitted cost of a large round without catch-up, `large_costs`, which leaves
+        out the host's work after the round and so judges strictly). If the try wrote fewer tokens per second,
+        the next `fallback_len` rounds are large rounds that every row rides (`_choose_group`), and the next
+        spell is twice as long (at most 64 tries' length); else the next spell is back to one try's length.
+        Either way a new try starts, judged on its own rounds and the catch-ups they cause."""
+        if self.forced:  # a spell's round: measures T_large for the next verdict
+            self.spell_seconds.append(seconds)
+            self.recent.clear()
+            return
+        self.recent.append((tokens, seconds, running))
+        if len(self.recent) < self.guard_rounds:
+            return
+        spell = self.spell_seconds[1:]
+        t_large = sum(spell) / len(spell) if spell else self.large_costs()[0]
+        written = sum(t for t, _, _ in self.recent) / sum(s for _, s, _ in self.recent)
+        large_only = sum(n for _, _, n in self.recent) / len(self.recent) / t_large
+        if written < large_only:
+            self.fallback_left, self.spell_seconds = self.fallback_len, []
+            self.fallback_len = min(2 * self.fallback_len, 64 * self.guard_rounds)
+        else:
+            self.fallback_len = self.guard_rounds
+        self.recent.clear()
 
     def _run_ahead(self, groups: dict[Role, list[Sequence]]) -> list[tuple[Sequence, StepRecord]]:
         """A round with the models on two GPUs. The large group's step is launched on its device (a graph

@@ -274,3 +274,56 @@ def test_run_ahead_rows_write_what_they_write_alone(pair, prompts, cfg, backend)
         assert res.token_ids == alone.token_ids, f"row {i} differs from its run alone"
         assert [s.role for s in res.trace.steps] == [s.role for s in alone.trace.steps], f"row {i}: roles differ"
     assert any(r.stats.switches >= 2 for r in together)
+
+
+# --- the throughput schedule's guard ---
+
+def test_guard_verdicts_against_large_only_by_the_clock(pair):
+    """Tries of 4 EAD rounds judged by hand against large-only decoding: 4 running rows at T_large = 2 s (the fit,
+    before any spell) write 2 tokens/s, so a try at 2 tokens/s passes and one at 1 token/s starts a spell of
+    large rounds, each longer than the last; a spell's rounds (its first left out) then set T_large."""
+    engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4,
+                                        schedule="throughput", guard_rounds=4), 1.0, 2.0)
+    for _ in range(4):
+        engine._guard(2, 1.0, 4)  # 8 tokens in 4 s: as fast as large-only
+    assert engine.fallback_left == 0 and engine.fallback_len == 4
+    for _ in range(4):
+        engine._guard(1, 1.0, 4)  # 4 tokens in 4 s: half
+    assert engine.fallback_left == 4 and engine.fallback_len == 8
+    groups = {S: ["a", "b", "c"], L: ["d"]}  # the rule would pick small (3 / 1.0 > 4 / 2.0)
+    for seconds in (9.0, 1.0, 1.0, 1.0):  # the spell; its first round holds the riders' catch-up
+        assert engine._choose_group(groups) is L
+        engine._guard(4, seconds, 4)
+    assert engine._choose_group(groups) is S and engine.fallback_rounds == 4
+    engine.forced = False
+    for _ in range(4):  # measured T_large = 1 s: large-only writes 4 tokens/s; 3 tokens/s fails
+        engine._guard(3, 1.0, 4)
+    assert engine.fallback_left == 8 and engine.fallback_len == 16
+    engine.reset_guard()
+    assert (engine.fallback_left, engine.fallback_len, engine.recent) == (0, 4, [])
+
+
+def test_guard_turns_slow_ead_rounds_into_large_rounds_that_every_row_rides(pair, prompts):
+    """Scripted costs that make the rule choose small rounds, and a clock (the guard's seconds) that says every
+    round takes as long as a large one: the first 3 EAD rounds fail the guard, the next 3 rounds are large and
+    give every running row a token, then EAD rounds are tried again; with the guard off, no such spell."""
+    scripts = [[S] * 40, [S] * 40, [S] * 12 + [L] * 40, [L] * 40]
+    spells = {}
+    for guard in (3, 0):
+        engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4,
+                                            max_wait_steps=1e9, schedule="throughput", guard_rounds=guard),
+                                1.0, 2.0)
+        judged = engine._guard
+        engine._guard = lambda tokens, seconds, running: judged(tokens, 2.0, running)
+        seqs = [engine.add(p, PARAMS, ScriptedRouter(r)) for p, r in zip(prompts, scripts)]
+        rounds = []
+        while engine.has_work:
+            running = [seq for seq in seqs if seq.finish_reason is None]
+            events = engine.step()
+            rounds.append(({record.role for _, record in events}, len(events), len(running)))
+        spells[guard] = engine.fallback_rounds
+        if guard:
+            assert [r[0] for r in rounds[:3]] == [{S}] * 3  # 3 rows of 4 in small mode: the rule picks small
+            assert rounds[3:6] == [({L}, 4, 4)] * 3  # 9 tokens in 6 s < 4 rows / 2 s: a spell, all rows ride
+            assert rounds[6][0] == {S}  # EAD again
+    assert spells[0] == 0 and spells[3] >= 3
