@@ -16,6 +16,7 @@ runner for GGUF files on a CPU (`ead.backends.llamacpp`).
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -122,7 +123,9 @@ class NativeBatchRunner:
     2. decode: the slots that bring one token, over cache rows 0..B-1, B the smallest batch bucket (1, 2, 4,
        ..., max_batch) holding them, other rows idle.
     When both kinds come and the decode rows add at most MERGE_TOKENS padded tokens to the catch-up pass, they join
-    it instead: one read of the weights, not two.
+    it instead: one read of the weights, not two. A catch-up too wide for a graph runs eagerly, padded only to its
+    longest row; when its rows differ in length it is split (`_split`) into passes of rows of similar length, where
+    that saves more padded tokens than the extra passes cost.
     On CUDA both are replayed graphs, one per (rows, width, span) bucket, captured on first use (or ahead with
     `capture_graphs`); a catch-up of more than MAX_GRAPH_TOKENS padded tokens (a long prompt, or many rows at
     once) runs eagerly, where launches matter less beside its compute. Attention reads a span of slots bucketed to a
@@ -251,18 +254,40 @@ class NativeBatchRunner:
             width = _catch_up_bucket(len(ids), max(map(len, ids)))[1]
             if (_pow2(len(ids)) - _pow2(len(many))) * width <= self.MERGE_TOKENS:
                 many, one = list(range(len(ids))), []  # one pass for all
-        parts = []
-        if many:
-            parts.append(self._catch_up([slots[i] for i in many], [ids[i] for i in many], span))
+        groups = [many] if many else []
+        if many and not (self.use_graphs and _catch_up_bucket(len(many), max(len(ids[i]) for i in many))
+                         in self._catch_up_buckets()):  # eager: padded to its longest row, so split it by length
+            groups = [[many[k] for k in group] for group in self._split([len(ids[i]) for i in many])]
+        parts = [self._catch_up([slots[i] for i in g], [ids[i] for i in g], span) for g in groups]
         if one:
             parts.append(self._decode([slots[i] for i in one], [ids[i][0] for i in one], span))
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if many and one:  # back to the order of `slots`
-            where = {i: p for p, i in enumerate(many + one)}  # input index -> row of `logits`
+        flat = [i for g in groups for i in g] + one  # input index of each row of `logits`
+        if flat != list(range(len(slots))):  # back to the order of `slots`
+            where = {i: p for p, i in enumerate(flat)}
             order = [where[i] for i in range(len(slots))]
             logits = logits.index_select(0, torch.tensor(order).to(self.device, non_blocking=True))
         V = self.vocab_size  # the columns after V are token_summary's
         return (logits[:, :V], logits[:, V:]) if with_summary else logits[:, :V]
+
+    def _split(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of `lengths` (the tokens each row of an eager catch-up brings) grouped into passes, longest
+        rows first. A pass pads its rows to its longest, and costs about one read of the weights up to
+        MERGE_TOKENS padded tokens, more beyond: the grouping, of rows adjacent in length order, minimises the
+        sum over passes of max(MERGE_TOKENS, rows x longest) (dynamic programming, O(rows^2))."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        n, floor = len(order), self.MERGE_TOKENS
+        best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[j]: the cost of the first j rows; cut: their last pass
+        for j in range(1, n + 1):
+            for i in range(j):  # the last pass holds order[i:j], whose longest row is order[i]
+                cost = best[i] + max(floor, (j - i) * lengths[order[i]])
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        groups, j = [], n
+        while j:
+            groups.append(order[cut[j]: j])
+            j = cut[j]
+        return groups[::-1]
 
     def _catch_up(self, slots: list[int], ids: list[list[int]], span: int, last_only: bool = True) -> Tensor:
         """Every token of `ids[i]` into slot `slots[i]`, the rows gathered into one padded pass. Returns the

@@ -210,3 +210,28 @@ def test_cli_backend_flag(capsys, tiny_pairs):
     with pytest.raises(SystemExit):
         main(argv + ["--backend", "vllm", "Hi"])
     assert "invalid choice: 'vllm'" in capsys.readouterr().err
+
+
+def test_an_eager_catch_up_of_rows_far_apart_in_length_is_split_by_length(pair):
+    """Rows bringing 40, 3, 2 and 1 tokens with a pass worth 16 padded tokens (MERGE_TOKENS): one pass would pad
+    4 x 40 = 160 tokens, a pass of the long row and one of the rest 40 + max(16, 3 x 3) = 56, so two passes run,
+    of widths 40 and 3; each row still gets the logits the HF model gives its whole text, in the order asked."""
+    vocab = pair.small.model.config.vocab_size
+    native = NativeBatchRunner.from_hf(pair.large.model, vocab, max_batch=4)
+    native.MERGE_TOKENS = 16
+    assert native._split([3, 40, 1, 2]) == [[1], [0, 3, 2]]  # by hand: indices, longest first
+    assert native._split([5, 5, 5]) == [[0, 1, 2]] and native._split([10, 9]) == [[0, 1]]  # 20 < 16 + 16
+    assert native._split([30, 29]) == [[0], [1]]  # 30 + 29 < 2 x 30
+    catch_up, widths = native._catch_up, []
+    native._catch_up = lambda slots, ids, *args, **kw: widths.append(max(map(len, ids))) or catch_up(
+        slots, ids, *args, **kw)
+    gen = torch.Generator().manual_seed(3)
+    texts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (3, 40, 2, 1)]
+    ours = native.feed_many([0, 1, 2, 3], texts)
+    assert sorted(widths) == [3, 40]
+    with torch.no_grad():
+        for text, row in zip(texts, ours):
+            ref = pair.large.model(torch.tensor([text])).logits[0, -1].float()
+            err = ((row - ref).abs().max() / ref.abs().max()).item()
+            assert err < MAX_REL_ERR, f"row of {len(text)} tokens: max rel err {err:.2e}"
+    assert native.seen == [3, 40, 2, 1]
