@@ -147,8 +147,8 @@ class BatchEngine:
         measured small step (`step_seconds`); T_large and c, the seconds per catch-up token, are fitted to the
         large rounds' times against the catch-up tokens they fed (`large_costs`). By those costs every round, the
         catch-up it causes included, then advances at least as many rows per second as a large-only round
-        (measured, not yet: BENCHMARKS.md). A row's text now depends on the rounds it shares with others, hence
-        on timing: greedy runs need not repeat exactly.
+        (measured on an H100, rounds cost more than the fit says: BENCHMARKS.md; hence the guard). A row's text
+        now depends on the rounds it shares with others, hence on timing: greedy runs need not repeat exactly.
 
         `guard_rounds` (throughput schedule, one device; 0 = off): the window of the guard (`_guard`) that holds
         the schedule to large-only throughput by the clock, whatever the fitted costs say."""
