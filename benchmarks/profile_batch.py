@@ -20,7 +20,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ead.bench import random_pair, roles_for_share, run_engine, sync
+from ead.bench import _phase, random_pair, roles_for_share, run_engine, sync
 from ead.config import EngineConfig, RouterConfig
 from ead.engine import BatchEngine
 from ead.router import ScriptedRouter
@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
     p.add_argument("--guard-rounds", type=int, default=32, help="the throughput schedule's guard window (0 = off)")
+    p.add_argument("--large-phase", type=_phase, default=None, metavar="HIGH,LOW",
+                   help="the throughput schedule's phases of large rounds, e.g. 0.5,0.2")
     p.add_argument("--device", default="cuda", help="cpu: only to try the script on tiny shapes")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -45,7 +47,8 @@ def main() -> None:
     pair = random_pair(small, large, device, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = EngineConfig(backend="native", max_seq_tokens=args.prompt_tokens + args.tokens + 8,
                        lookahead=args.lookahead)
-    engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=args.batch, guard_rounds=args.guard_rounds)
+    engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=args.batch, guard_rounds=args.guard_rounds,
+                         large_phase=args.large_phase)
     engine.schedule = args.schedule
     engine.warm_up(args.prompt_tokens + args.tokens + 1)
     gen = torch.Generator().manual_seed(args.batch)

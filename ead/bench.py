@@ -287,7 +287,8 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
         try:
             with memory_scope(pair.device, out):
                 engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=batch,
-                                     guard_rounds=getattr(args, "guard_rounds", 32))
+                                     guard_rounds=getattr(args, "guard_rounds", 32),
+                                     large_phase=getattr(args, "large_phase", None))
                 t0 = time.perf_counter()
                 engine.warm_up(args.prompt_tokens + args.tokens + 1)
                 out["capture_s"] = round(time.perf_counter() - t0, 2)
@@ -412,6 +413,17 @@ def _vocab(model) -> int:
     return model.args.vocab_size if hasattr(model, "args") else model.config.vocab_size
 
 
+def _phase(text: str) -> tuple[float, float]:
+    """--large-phase HIGH,LOW."""
+    try:
+        high, low = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give two fractions HIGH,LOW, e.g. 0.5,0.2; got {text!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"need 0 <= LOW <= HIGH <= 1, got {text!r}")
+    return high, low
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure decode speed: single models, and EAD pairs at several batch sizes",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -450,6 +462,8 @@ def register(subparsers) -> None:
                    help="read each round before launching the next (EngineConfig.lookahead), to time what it saves")
     p.add_argument("--guard-rounds", type=int, default=32,
                    help="the throughput schedule's guard window in rounds (BatchEngine.guard_rounds; 0 = off)")
+    p.add_argument("--large-phase", type=_phase, default=None, metavar="HIGH,LOW",
+                   help="the throughput schedule's phases of large rounds (BatchEngine.large_phase), e.g. 0.5,0.2")
     from ead.cli import add_parallel_args
 
     add_parallel_args(p)

@@ -122,7 +122,8 @@ class BatchEngine:
     def __init__(self, pair: ModelPair, cfg: RouterConfig | None = None, engine_cfg: EngineConfig | None = None,
                  max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75, mode: str = "ead",
                  speculative: SpeculativeConfig | None = None, sync: Callable[[Tensor], Tensor] | None = None,
-                 schedule: str = "exact", guard_rounds: int = 32) -> None:
+                 schedule: str = "exact", guard_rounds: int = 32,
+                 large_phase: tuple[float, float] | None = None) -> None:
         """`sync`, for a model split across processes (ead.models.tensor_parallel): applied to each round's
         (rows, 5) summary of signals and tokens before the routers read it, e.g. `broadcast_from_first`, so
         that one rank's sampler and routers decide for all (and to the round's choice of group, which reads
@@ -151,7 +152,14 @@ class BatchEngine:
         now depends on the rounds it shares with others, hence on timing: greedy runs need not repeat exactly.
 
         `guard_rounds` (throughput schedule, one device; 0 = off): the window of the guard (`_guard`) that holds
-        the schedule to large-only throughput by the clock, whatever the fitted costs say."""
+        the schedule to large-only throughput by the clock, whatever the fitted costs say.
+
+        `large_phase` (throughput schedule; None = off), (high, low): once the large group holds at least `high`
+        of the running rows, or has waited more than `max_wait_steps` large steps, large rounds that every row
+        rides go on until it holds less than `low` of them; between phases, the rule above. Rows then leave their
+        large segments together, so the small rounds after a phase are full ones. Not measured on a GPU yet:
+        `benchmarks/schedule_sim.py --passes --split` predicts (0.5, 0.2) at 1.15x large-only at batch 16 and
+        0.97x at 64 (f = 0.25; the large model writing 60-70% of the tokens), against 0.95x and 0.86x without."""
         if sync is None and getattr(pair, "large_tp", 1) > 1:
             sync = broadcast_from_first
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -173,6 +181,11 @@ class BatchEngine:
             raise ConfigError(f"max_wait_steps must be a number >= 0, got {max_wait_steps!r}")
         if isinstance(guard_rounds, bool) or not isinstance(guard_rounds, int) or guard_rounds < 0:
             raise ConfigError(f"guard_rounds must be an integer >= 0 (0 = no guard), got {guard_rounds!r}")
+        if large_phase is not None and not (
+                isinstance(large_phase, (tuple, list)) and len(large_phase) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in large_phase)
+                and 0 <= large_phase[1] <= large_phase[0] <= 1):
+            raise ConfigError(f"large_phase must be (high, low) with 0 <= low <= high <= 1, got {large_phase!r}")
         if isinstance(large_fill, bool) or not isinstance(large_fill, (int, float)) or not 0 <= large_fill <= 1:
             raise ConfigError(f"large_fill must be a fraction in [0, 1], got {large_fill!r}")
         self.max_batch, self.max_wait_steps, self.large_fill = max_batch, max_wait_steps, large_fill
@@ -227,6 +240,8 @@ class BatchEngine:
         self.fallback_left, self.fallback_len, self.fallback_rounds = 0, guard_rounds, 0
         self.spell_seconds: list[float] = []
         self.forced = False
+        self.large_phase = tuple(large_phase) if large_phase is not None else None
+        self.in_phase = False  # within a phase of large rounds (`large_phase`)
 
     @property
     def running(self) -> int:
@@ -307,9 +322,17 @@ class BatchEngine:
                 self.fallback_left -= 1
                 self.fallback_rounds += 1
                 return Role.LARGE
+            n_small, n_all = len(groups[Role.SMALL]), len(groups[Role.SMALL]) + len(groups[Role.LARGE])
+            if self.large_phase is not None:
+                high, low = self.large_phase
+                if groups[Role.LARGE] and (self.waited[Role.LARGE] > bound or n_all - n_small >= high * n_all):
+                    self.in_phase = True
+                elif n_all - n_small < low * n_all:
+                    self.in_phase = False
+                if self.in_phase:
+                    return Role.LARGE
             if groups[Role.LARGE] and self.waited[Role.LARGE] > bound:
                 return Role.LARGE
-            n_small, n_all = len(groups[Role.SMALL]), len(groups[Role.SMALL]) + len(groups[Role.LARGE])
             t_large, per_token = self.large_costs()
             faster = n_small / (self.step_seconds[Role.SMALL] + per_token * n_small) > n_all / t_large
             return Role.SMALL if faster else Role.LARGE
@@ -397,9 +420,10 @@ class BatchEngine:
         return events
 
     def reset_guard(self) -> None:
-        """Start the guard afresh (a new workload): no spell pending, the next spell one try long. The last
-        spell's measured T_large is kept: it depends on the batch, not on the rows."""
-        self.recent, self.forced = [], False
+        """Start the guard afresh (a new workload): no spell pending, the next spell one try long, no phase of
+        large rounds (`large_phase`). The last spell's measured T_large is kept: it depends on the batch, not on
+        the rows."""
+        self.recent, self.forced, self.in_phase = [], False, False
         self.fallback_left, self.fallback_len = 0, self.guard_rounds
 
     def _guard(self, tokens: int, seconds: float, running: int) -> None:

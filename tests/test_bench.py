@@ -52,3 +52,24 @@ def test_no_lookahead_reaches_every_engine_the_bench_builds(monkeypatch):
         seen.clear()
         assert main(argv + flag) == 0
         assert seen and set(seen) == {expected}
+
+
+def test_guard_and_phase_options_reach_the_engine_and_are_reported(monkeypatch, capsys):
+    """--guard-rounds and --large-phase reach BatchEngine; a bad --large-phase is a usage error saying what to
+    give."""
+    from ead.engine import BatchEngine
+
+    seen, init = [], BatchEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs.get("guard_rounds"), kwargs.get("large_phase")))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchEngine, "__init__", spy)
+    argv = ["bench", "--pair", "tiny:tiny-large", "--batch", "2", "--tokens", "4", "--prompt-tokens", "4",
+            "--hf-tokens", "0", "--gamma", "0", "--shares", "0.4", "--device", "cpu", "--schedule", "throughput"]
+    assert main(argv + ["--guard-rounds", "0", "--large-phase", "0.5,0.2"]) == 0
+    assert set(seen) == {(0, (0.5, 0.2))}
+    with pytest.raises(SystemExit):
+        main(argv + ["--large-phase", "0.2,0.5"])
+    assert "need 0 <= LOW <= HIGH <= 1, got '0.2,0.5'" in capsys.readouterr().err

@@ -327,3 +327,32 @@ def test_guard_turns_slow_ead_rounds_into_large_rounds_that_every_row_rides(pair
             assert rounds[3:6] == [({L}, 4, 4)] * 3  # 9 tokens in 6 s < 4 rows / 2 s: a spell, all rows ride
             assert rounds[6][0] == {S}  # EAD again
     assert spells[0] == 0 and spells[3] >= 3
+
+
+# --- phases of large rounds ---
+
+def test_a_phase_of_large_rounds_runs_from_high_to_low(pair, prompts):
+    """large_phase (0.5, 0.25) over 4 rows, with costs that make the rule alone always pick small rounds while a
+    row is in small mode: once 2 of the 4 running rows are in large mode, large rounds that every row rides go on
+    until fewer than 1 is; then the rule again. Checked round by round from the group sizes."""
+    engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4,
+                                        max_wait_steps=1e9, schedule="throughput", guard_rounds=0,
+                                        large_phase=(0.5, 0.25)), 1.0, 100.0)
+    scripts = [[S] * 40, [S] * 3 + [L] * 4 + [S] * 40, [S] * 5 + [L] * 12 + [S] * 40, [S] * 40]
+    seqs = [engine.add(p, PARAMS, ScriptedRouter(r)) for p, r in zip(prompts, scripts)]
+    phase, seen = False, []
+    while engine.has_work:
+        running = [seq for seq in seqs if seq.finish_reason is None]
+        n_large = sum(seq.router.active is L for seq in running)
+        if n_large >= 0.5 * len(running):
+            phase = True
+        elif n_large < 0.25 * len(running):
+            phase = False
+        expected = L if phase or n_large == len(running) else S
+        events = engine.step()
+        assert {record.role for _, record in events} == {expected}, f"{n_large} of {len(running)} in large mode"
+        assert len(events) == (len(running) if expected is L else len(running) - n_large)
+        seen.append(expected)
+    assert L in seen and seen.count(L) < len(seen) // 2  # phases came, and ended
+    with pytest.raises(ConfigError, match=r"large_phase must be \(high, low\) with 0 <= low <= high <= 1"):
+        BatchEngine(pair, schedule="throughput", large_phase=(0.2, 0.5))
