@@ -109,17 +109,17 @@ def _count(runner, model: str, passes: collections.Counter, timed: list | None) 
     def counted_catch_up(slots, ids, span, last_only=True):
         n, width = len(slots), max(map(len, ids))
         bucket = _catch_up_bucket(n, width)
-        buckets = runner._catch_up_buckets() if last_only else runner._verify_buckets()
-        graphed = runner.use_graphs and bucket in buckets
+        graphed = runner.graphed(n, width, all_logits=not last_only)
         kind = "verify" if not last_only else ("merged" if min(map(len, ids)) == 1 else "catch-up")
-        passes[(model, kind, bucket if graphed else (n, width), graphed, sum(map(len, ids)))] += 1
         key = (model, kind, bucket if graphed else (n, width), graphed)
+        passes[(*key, sum(map(len, ids)))] += 1
         return time_it(key, lambda: catch_up(slots, ids, span, last_only))
 
     def counted_decode(slots, tokens, span):
         batch = min(runner.max_batch, _pow2(max(slots) + 1))
-        passes[(model, "decode", (batch, 1), runner.use_graphs, len(slots))] += 1
-        return time_it((model, "decode", (batch, 1), runner.use_graphs), lambda: decode(slots, tokens, span))
+        key = (model, "decode", (batch, 1), runner.use_graphs)
+        passes[(*key, len(slots))] += 1
+        return time_it(key, lambda: decode(slots, tokens, span))
 
     runner._catch_up, runner._decode = counted_catch_up, counted_decode
 

@@ -255,8 +255,7 @@ class NativeBatchRunner:
             if (_pow2(len(ids)) - _pow2(len(many))) * width <= self.MERGE_TOKENS:
                 many, one = list(range(len(ids))), []  # one pass for all
         groups = [many] if many else []
-        if many and not (self.use_graphs and _catch_up_bucket(len(many), max(len(ids[i]) for i in many))
-                         in self._catch_up_buckets()):  # eager: padded to its longest row, so split it by length
+        if many and not self.graphed(len(many), max(len(ids[i]) for i in many)):  # eager: split it by length
             groups = [[many[k] for k in group] for group in self._split([len(ids[i]) for i in many])]
         parts = [self._catch_up([slots[i] for i in g], [ids[i] for i in g], span) for g in groups]
         if one:
@@ -269,6 +268,12 @@ class NativeBatchRunner:
             logits = logits.index_select(0, torch.tensor(order).to(self.device, non_blocking=True))
         V = self.vocab_size  # the columns after V are token_summary's
         return (logits[:, :V], logits[:, V:]) if with_summary else logits[:, :V]
+
+    def graphed(self, n: int, width: int, all_logits: bool = False) -> bool:
+        """Whether a catch-up (`all_logits`: a verification) of n rows of at most `width` tokens replays a graph;
+        if not, it runs eagerly, padded to its longest row."""
+        buckets = self._verify_buckets() if all_logits else self._catch_up_buckets()
+        return self.use_graphs and _catch_up_bucket(n, width) in buckets
 
     def _split(self, lengths: list[int]) -> list[list[int]]:
         """Indices of `lengths` (the tokens each row of an eager catch-up brings) grouped into passes, longest
@@ -293,8 +298,7 @@ class NativeBatchRunner:
         """Every token of `ids[i]` into slot `slots[i]`, the rows gathered into one padded pass. Returns the
         logits after each row's last token, (n, V), or with `last_only=False` after every token, (n, T, V)."""
         n, width = len(slots), max(len(t) for t in ids)
-        buckets = self._catch_up_buckets() if last_only else self._verify_buckets()
-        graphed = self.use_graphs and _catch_up_bucket(n, width) in buckets
+        graphed = self.graphed(n, width, all_logits=not last_only)
         batch, width = _catch_up_bucket(n, width) if graphed else (n, width)
         # One host-to-device copy: token ids and positions (batch * width each), valid lengths, cache rows;
         # pad rows are idle (valid 0) in row 0. Built as lists: element-wise tensor writes cost microseconds.
