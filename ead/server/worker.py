@@ -209,8 +209,8 @@ class EngineWorker:
         log.error("engine failed; failing its %d requests", len(self.active), exc_info=exc)
         self.metrics.record_engine_error()
         error = error_for(exc)
-        for sub in list(self.active.values()):
-            sub.deliver(Failed(error))
+        failed = list(self.active.values())
+        for sub in failed:
             self.metrics.record_finished("error", sub.prompt_tokens)
             with contextlib.suppress(Exception):  # best effort: the engine is about to be replaced
                 self.engine.cancel(sub.seq)
@@ -221,6 +221,8 @@ class EngineWorker:
         except Exception:
             log.exception("could not build a fresh engine; keeping the old one")
         self.metrics.set_load(self.engine.waiting, self.engine.running)
+        for sub in failed:  # after the books, as in `_emit`
+            sub.deliver(Failed(error))
 
     def _emit(self, sub: Submission) -> None:
         """Hand over the text that became final; on the last token, the result too, and free the slot."""
@@ -232,9 +234,12 @@ class EngineWorker:
                 sub.shown_chars = len(visible)
             return
         result = self.engine.result(seq)
-        sub.deliver(Tokens(result.text[sub.shown_chars:], result))
         self.metrics.record_finished(result.finish_reason, sub.prompt_tokens, result.stats.switches)
+        self.metrics.set_load(self.engine.waiting, self.engine.running)  # the engine freed the row in its step
         self._release(sub)
+        # Last: a client that reads /metrics or sends its next request once it has its result finds the books
+        # done and its slot free.
+        sub.deliver(Tokens(result.text[sub.shown_chars:], result))
 
     def _cancel(self, sub: Submission) -> None:
         if sub.done or sub.seq is None:
