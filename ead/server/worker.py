@@ -188,6 +188,9 @@ class EngineWorker:
 
     def _step(self) -> None:
         events = self.engine.step()
+        # The engine freed the rows that finished in its step: book that before any result reaches its client (a
+        # client that reads /metrics once it has its result must find its row gone).
+        self.metrics.set_load(self.engine.waiting, self.engine.running)
         now = time.perf_counter()
         touched: dict[Sequence, Submission] = {}  # in event order
         for seq, record in events:
@@ -235,7 +238,6 @@ class EngineWorker:
             return
         result = self.engine.result(seq)
         self.metrics.record_finished(result.finish_reason, sub.prompt_tokens, result.stats.switches)
-        self.metrics.set_load(self.engine.waiting, self.engine.running)  # the engine freed the row in its step
         self._release(sub)
         # Last: a client that reads /metrics or sends its next request once it has its result finds the books
         # done and its slot free.
