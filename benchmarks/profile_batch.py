@@ -24,7 +24,7 @@ from ead.bench import _phase, random_pair, roles_for_share, run_engine, sync
 from ead.config import EngineConfig, RouterConfig
 from ead.engine import BatchEngine
 from ead.router import ScriptedRouter
-from ead.runner import _catch_up_bucket, _pow2
+from ead.runner import _catch_up_bucket
 
 
 def main() -> None:
@@ -116,8 +116,7 @@ def _count(runner, model: str, passes: collections.Counter, timed: list | None) 
         return time_it(key, lambda: catch_up(slots, ids, span, last_only))
 
     def counted_decode(slots, tokens, span):
-        batch = min(runner.max_batch, _pow2(max(slots) + 1))
-        key = (model, "decode", (batch, 1), runner.use_graphs)
+        key = (model, "decode", (runner.decode_rows(slots), 1), runner.use_graphs)
         passes[(*key, len(slots))] += 1
         return time_it(key, lambda: decode(slots, tokens, span))
 

@@ -322,12 +322,13 @@ class BatchEngine:
                 self.fallback_left -= 1
                 self.fallback_rounds += 1
                 return Role.LARGE
-            n_small, n_all = len(groups[Role.SMALL]), len(groups[Role.SMALL]) + len(groups[Role.LARGE])
+            n_small, n_large = len(groups[Role.SMALL]), len(groups[Role.LARGE])
+            n_all = n_small + n_large
             if self.large_phase is not None:
                 high, low = self.large_phase
-                if groups[Role.LARGE] and (self.waited[Role.LARGE] > bound or n_all - n_small >= high * n_all):
+                if n_large and (self.waited[Role.LARGE] > bound or n_large >= high * n_all):
                     self.in_phase = True
-                elif n_all - n_small < low * n_all:
+                elif n_large < low * n_all:
                     self.in_phase = False
                 if self.in_phase:
                     return Role.LARGE

@@ -334,9 +334,13 @@ class NativeBatchRunner:
         logits = self._decode(list(slots), tokens, self.span(max(new_lengths)))
         return logits[:, : self.vocab_size], logits[:, self.vocab_size:]
 
+    def decode_rows(self, slots: Sequence[int]) -> int:
+        """B, the cache rows 0..B-1 a decode of `slots` runs over: the smallest batch bucket holding them."""
+        return min(self.max_batch, _pow2(max(slots) + 1))
+
     def _decode(self, slots: list[int], tokens: list[int] | Tensor, span: int) -> Tensor:
         """One token into each of `slots`, over cache rows 0..B-1: ids from the host, or (n,) on the device."""
-        batch = min(self.max_batch, _pow2(max(slots) + 1))
+        batch = self.decode_rows(slots)
         on_device = isinstance(tokens, Tensor)
         host = [0] * (4 * batch)  # tokens, positions, valid, then the slots to read logits from
         for i, s in enumerate(slots):
