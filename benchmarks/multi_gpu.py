@@ -328,7 +328,7 @@ def measure_checks(args: argparse.Namespace, emit: Callable[[dict], None]) -> No
         params = [SamplingParams(max_new_tokens=tokens, ignore_eos=True,
                                  **({"temperature": 0.8, "seed": 100 * rank + i} if sampling == "sampled" else {}))
                   for i in range(batch)]  # sampled: each rank its own seeds, overruled by rank 0's draws
-        routers = [ScriptedRouter(roles_for_share(tokens, 0.25, seed=i)) for i in range(batch)]
+        routers = [ScriptedRouter.of_rule(roles_for_share(tokens, 0.25, seed=i)) for i in range(batch)]
         results = engine.generate_many(prompts, params, routers)
         try:
             check_ranks_agree([r.token_ids for r in results], device)

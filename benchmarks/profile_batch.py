@@ -55,7 +55,7 @@ def main() -> None:
     prompts = [torch.randint(3, 100, (args.prompt_tokens,), generator=gen).tolist() for _ in range(args.batch)]
 
     def routers():
-        return [ScriptedRouter(roles_for_share(args.tokens, args.share, seed=1000 * args.batch + i))
+        return [ScriptedRouter.of_rule(roles_for_share(args.tokens, args.share, seed=1000 * args.batch + i))
                 for i in range(args.batch)]
 
     run_engine(engine, prompts, args.tokens, routers())  # warm-up: graphs, kernels (run_engine resets the guard)

@@ -240,7 +240,8 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
     from ead.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    before = (dict(engine.rounds), dict(engine.rows_stepped), engine.ride_along_tokens, engine.fallback_rounds)
+    before = (dict(engine.rounds), dict(engine.rows_stepped), engine.ride_along_tokens, engine.fallback_rounds,
+              engine.lookahead_rounds, engine.lookahead_discarded)
     engine.reset_guard()
     sync_engine(engine)
     t0 = time.perf_counter()
@@ -264,6 +265,7 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
             "rows": len(prompts), "tokens": len(steps), "seconds": seconds, "tok_per_s": len(steps) / seconds,
             "large_share": n_large / len(steps), "routed_large_share": (n_large - ride_along) / len(steps),
             "ride_along_tokens": ride_along, "guard_rounds": engine.fallback_rounds - before[3],
+            "rounds_ahead": engine.lookahead_rounds - before[4], "ahead_discarded": engine.lookahead_discarded - before[5],
             "row_ms_per_token": statistics.mean(r.stats.seconds / len(r.token_ids) * 1e3 for r in results),
             "step_ms_small": statistics.median(one[Role.SMALL]) if one[Role.SMALL] else None,
             "step_ms_large": statistics.median(one[Role.LARGE]) if one[Role.LARGE] else None,
@@ -304,13 +306,13 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
                 for schedule in sorted({schedule for _, schedule in modes.values()}):
                     engine.schedule = schedule
                     run_engine(engine, prompts, args.tokens,
-                               [ScriptedRouter(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
+                               [ScriptedRouter.of_rule(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
                 sync(pair.device)
                 timed = {}
                 for mode, (scripts, schedule) in modes.items():
                     engine.schedule = schedule  # read each round; the rows and routers are new in each run
                     with memory_scope(pair.device, timed.setdefault(mode, {"schedule": schedule})):
-                        routers = [ScriptedRouter(s) for s in scripts]
+                        routers = [ScriptedRouter.of_rule(s) for s in scripts]
                         timed[mode].update(run_engine(engine, prompts, args.tokens, routers))
                 del engine
             # Seconds per step of all rows, host work included, from the single-model runs of this batch size.
@@ -542,6 +544,14 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
 
 
+def _round_notes(r: dict) -> str:
+    """The rounds column's note: rounds a spell of the guard forced, rounds run ahead (and discarded)."""
+    notes = [f"{g} by the guard"] if (g := r.get("guard_rounds")) else []
+    if r.get("rounds_ahead") or r.get("ahead_discarded"):
+        notes.append(f"{r['rounds_ahead']} ahead, {r['ahead_discarded']} discarded")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def markdown(rows: list[dict]) -> str:
     """The tables for BENCHMARKS.md."""
     lines = ["| shape | params | floor tok/s | ead batch 1 tok/s | step ms | of floor | peak GiB |",
@@ -568,8 +578,7 @@ def markdown(rows: list[dict]) -> str:
                 f += f" ({r['routed_large_share']:.3f})"
             lines.append(f"| {r['pair']} | {r['batch']} | {r['mode']} | {f} | {r['tok_per_s']:.1f} "
                          f"| {ideal} | {of} | {r['vs_large_only']:.2f}x | {r['row_ms_per_token']:.2f} | "
-                         f"{r['switches']} | {r['rounds_small']}/{r['rounds_large']}"
-                         f"{f' ({g} by the guard)' if (g := r.get('guard_rounds')) else ''} | "
+                         f"{r['switches']} | {r['rounds_small']}/{r['rounds_large']}{_round_notes(r)} | "
                          f"{r['rows_per_round_small']}/{r['rows_per_round_large']} | {r.get('peak_mem_gib', '')} | "
                          f"{r.get('cuda_mallocs', '')} |")
         if "error" in r and r["config"] != "speculation":

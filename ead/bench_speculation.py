@@ -34,7 +34,7 @@ LARGE_ONLY = RouterConfig(threshold_bits=-float("inf"), min_dwell_tokens=0, star
 @dataclass(frozen=True)
 class SpeculationMode:
     """One row: the engine's `mode` with its drafting, and either the EAD rule `router` or, with `scripts`,
-    fixed roles per prompt (ead bench's scripted shares, `ScriptedRouter`)."""
+    fixed roles per prompt (ead bench's scripted shares, `ScriptedRouter.of_rule`)."""
 
     name: str
     mode: str = "ead"
@@ -43,7 +43,7 @@ class SpeculationMode:
     scripts: tuple[tuple[Role, ...], ...] | None = None
 
     def routers(self, n: int) -> list[ScriptedRouter] | None:
-        return None if self.scripts is None else [ScriptedRouter(list(self.scripts[i])) for i in range(n)]
+        return None if self.scripts is None else [ScriptedRouter.of_rule(list(self.scripts[i])) for i in range(n)]
 
 
 def gsm8k_prompts(pair, n: int, data_dir: Path | None = None) -> list[list[int]]:

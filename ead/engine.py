@@ -28,13 +28,15 @@ doubling the wait.
 With the models on two GPUs (`concurrent`), neither waits for the other: the large group's step is launched on
 its GPU, and the small group steps on the other, again and again, until that step is done (`_run_ahead`).
 
-Lookahead (`EngineConfig.lookahead`, native runner on CUDA, exact schedule, greedy rows, mode "ead" on one device):
+Lookahead (`EngineConfig.lookahead`, native runner on CUDA, greedy rows, mode "ead" on one device):
 a round's next round, for the same rows, is launched before the host reads the round, fed the tokens it gives
 each row while they are still on the device (`_look_ahead`). The device then works through the host's turn (the
 routers, stop checks, records and the next launch) instead of waiting for it. The next `step` runs that round
 if the scheduler picks the same rows (rows that finished or switched meanwhile only drop out of it); else it is
 discarded, a step of device time lost (`_resume`). So a round runs ahead only while the other group is empty,
-and a large one only where no row's router can switch at the next token (`_likely_run`).
+and a large one only where no row's router can switch at the next token (`_likely_run`); under the throughput
+schedule also a large round that every row rides, where the next one is certain to be one too (a spell of the
+guard, a phase of large rounds that lasts).
 
 Modes (`mode`): "ead" is the above. "speculative" gives every token to the large model through speculative
 decoding (`ead.speculative`: the small model drafts, the large one verifies a draft per pass), so the text is
@@ -409,14 +411,17 @@ class BatchEngine:
         stepped = {seq for role in roles for seq in rows[role]}
         waiting = {role: [seq for seq in groups[role] if seq not in stepped] for role in Role}
 
-        events = []
+        events, prompt_fed = [], 0
         for role, (feeds, _) in launched.items():
+            if role is Role.LARGE:  # prompt tokens the large model reads here: a prefill that large-only pays too
+                prompt_fed = sum(max(0, len(fed) - (len(seq.ids) - len(seq.prompt_ids)))
+                                 for seq, fed in zip(rows[role], feeds))
             step_ms = self._account(role, waiting, rows[role], t0)
             if role is Role.LARGE and len(roles) == 1:
                 self._fit_large(sum(map(len, feeds)) - len(feeds), step_ms / 1e3)
             for seq, fed, row in zip(rows[role], feeds, values[role]):
                 events.append((seq, self._advance(seq, role, fed, row, step_ms)))
-        if self.schedule == "throughput" and self.guard_rounds and len(roles) == 1:
+        if self.schedule == "throughput" and self.guard_rounds and len(roles) == 1 and not prompt_fed:
             self._guard(len(events), time.perf_counter() - t_round, len(active))
         return events
 
@@ -436,7 +441,10 @@ class BatchEngine:
         out the host's work after the round and so judges strictly). If the try wrote fewer tokens per second,
         the next `fallback_len` rounds are large rounds that every row rides (`_choose_group`), and the next
         spell is twice as long (at most 64 tries' length); else the next spell is back to one try's length.
-        Either way a new try starts, judged on its own rounds and the catch-ups they cause."""
+        Either way a new try starts, judged on its own rounds and the catch-ups they cause. A round in which the
+        large model reads prompt tokens (a row's first large round) is left out, spell or try: large-only decoding
+        pays that prefill too, and it would count against whichever try it fell in (with it, the first try of a
+        batch-16 run on an H100 failed on the batch's prefill alone, and a spell followed)."""
         if self.forced:  # a spell's round: measures T_large for the next verdict
             self.spell_seconds.append(seconds)
             self.recent.clear()
@@ -542,8 +550,7 @@ class BatchEngine:
         have drawn from their generators."""
         runner = self.runners[role]
         if not (self.lookahead and self.mode == "ead" and self.sync is None and not self.concurrent
-                and self.schedule == "exact" and isinstance(runner, NativeBatchRunner)
-                and all(seq.sampling.greedy for seq in rows)):
+                and isinstance(runner, NativeBatchRunner) and all(seq.sampling.greedy for seq in rows)):
             return None
         keep = [i for i, seq in enumerate(rows) if not self._ends_now(seq)]
         if not keep or not self._likely_run(role, [rows[i] for i in keep], groups, len(keep) < len(rows)):
@@ -555,14 +562,30 @@ class BatchEngine:
     def _likely_run(self, role: Role, rows: list[Sequence], groups: dict[Role, list[Sequence]],
                     frees_slot: bool) -> bool:
         """Whether a round of `role` launched ahead for `rows` will likely run: a discarded one wastes a step of
-        device time, where one that runs saves only the host's turn (0.15 ms a token at the 1.5B shape). Not while
-        the other group has rows (the exact schedule's choice between two groups turns often: 51 large rounds
-        among 174 small ones at batch 4, f = 0.26, in BENCHMARKS.md), nor when a slot this round frees will admit
-        a waiting row. A small round runs ahead then (EAD's small segments are the long ones, and its step the
-        cheap one); a large round only if no row's router can switch at the next token."""
-        other = Role.LARGE if role is Role.SMALL else Role.SMALL
-        if groups[other] or (frees_slot and self.queue):
+        device time, where one that runs saves only the host's turn (0.15 ms a token at the 1.5B shape, 2-4 ms a
+        round at batch 64). Never when a slot this round frees will admit a waiting row.
+
+        Exact schedule: not while the other group has rows (the choice between two groups turns often: 51 large
+        rounds among 174 small ones at batch 4, f = 0.26, in BENCHMARKS.md). A small round runs ahead then (EAD's
+        small segments are the long ones, and its step the cheap one); a large round only if no row's router can
+        switch at the next token.
+
+        Throughput schedule: a large round is one that every row rides, and `rows` are all the running rows; the
+        next round is one too for certain while a spell of the guard goes on, and within a phase of large rounds
+        (`large_phase`) while enough rows keep their large mode for the phase to last whatever the others do. A
+        small round runs ahead as in the exact schedule, and only if no spell starts before the next round."""
+        if frees_slot and self.queue:
             return False
+        if self.schedule == "throughput" and role is Role.LARGE:
+            if self.fallback_left > 0:
+                return True
+            staying = sum(seq.router.active is Role.LARGE and _keeps_model(seq.router) for seq in rows)
+            return self.in_phase and staying >= self.large_phase[1] * len(rows)
+        other = Role.LARGE if role is Role.SMALL else Role.SMALL
+        if groups[other]:
+            return False
+        if self.schedule == "throughput" and (self.fallback_left > 0 or len(self.recent) + 1 >= self.guard_rounds > 0):
+            return False  # a spell of large rounds is on, or this round's verdict may start one
         return role is Role.SMALL or all(_keeps_model(seq.router) for seq in rows)
 
     def _ends_now(self, seq: Sequence) -> bool:
@@ -581,7 +604,10 @@ class BatchEngine:
         if ahead is None:
             return None
         live = [i for i, seq in enumerate(ahead.rows) if seq.finish_reason is None]
-        keep = [i for i in live if ahead.rows[i].router.active is ahead.role]
+        if self.schedule == "throughput" and ahead.role is Role.LARGE:  # every row rides, whatever its mode
+            keep = live
+        else:
+            keep = [i for i in live if ahead.rows[i].router.active is ahead.role]
         use = roles == [ahead.role] and [ahead.rows[i] for i in keep] == rows[ahead.role]
         runner = self.runners[ahead.role]
         for i in set(live) - set(keep) if use else live:
@@ -772,14 +798,14 @@ def _rows_of(summary: Tensor, index: list[int]) -> Tensor:
 
 def _keeps_model(router: RoutingPolicy) -> bool:
     """Whether `router` keeps its model at its next `observe` for certain, as far as the engine can tell: the paper's
-    rule while its dwell holds, or at an infinite tau on its model's side; a script past its end. Other policies, and
-    these otherwise, may switch at any token."""
+    rule while its dwell holds, or at an infinite tau on its model's side; a script while the dwell it declares holds,
+    or past its end. Other policies, and these otherwise, may switch at any token."""
     if type(router) is Router:
         tau, active = router.cfg.threshold_bits, router.active
         return (router.tokens_since_switch + 1 < router.cfg.min_dwell_tokens
                 or (tau == math.inf and active is Role.SMALL) or (tau == -math.inf and active is Role.LARGE))
     if type(router) is ScriptedRouter:
-        return router.n >= len(router.roles) - 1
+        return router.n >= len(router.roles) - 1 or router.tokens_since_switch + 1 < router.min_dwell_tokens
     return False
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ead.config import Role, RouterConfig
+from ead.errors import ConfigError
 
 
 def entropy_bits(logits: Tensor) -> Tensor:
@@ -132,13 +133,33 @@ class Router:
 
 class ScriptedRouter:
     """A RoutingPolicy that replays a fixed list of roles, one per generated token, then keeps the last one.
-    For benchmarks and tests that need switches at known places whatever the models' entropy."""
+    For benchmarks and tests that need switches at known places whatever the models' entropy.
 
-    def __init__(self, roles: list[Role]) -> None:
-        self.roles, self.n = list(roles), 0
+    `min_dwell_tokens`: the dwell the script keeps (a script of the paper's rule keeps its d_min), which the engine
+    may then count on as it does on the rule's: for that many tokens after a switch (and from the start) the router
+    keeps its model for certain (`ead.engine._keeps_model`); past the dwell it may switch at any token, as far as
+    the engine can tell. 0: only past the script's end is anything certain. A script that switches within its
+    dwell is refused."""
+
+    def __init__(self, roles: list[Role], min_dwell_tokens: int = 0) -> None:
+        self.roles, self.n, self.min_dwell_tokens = list(roles), 0, min_dwell_tokens
         self.active, self.last_mean_bits = self.roles[0], math.nan
+        self.tokens_since_switch = 0
+        starts = [0] + [i for i in range(1, len(self.roles)) if self.roles[i] is not self.roles[i - 1]]
+        short = [i for i, j in zip(starts, starts[1:]) if j - i < min_dwell_tokens]
+        if short:
+            raise ConfigError(f"the script switches {starts[starts.index(short[0]) + 1] - short[0]} tokens after "
+                             f"token {short[0]}, within its dwell of {min_dwell_tokens}; give a shorter dwell (0 = none)")
+
+    @classmethod
+    def of_rule(cls, roles: list[Role]) -> ScriptedRouter:
+        """A script the paper's rule wrote at its default dwell (`RouterConfig().min_dwell_tokens`), declaring it, as
+        `ead bench`'s scripted shares do (`ead.bench.roles_for_share`)."""
+        return cls(roles, RouterConfig().min_dwell_tokens)
 
     def observe(self, signals: TokenSignals | float) -> Role:
         self.n += 1
-        self.active = self.roles[min(self.n, len(self.roles) - 1)]
+        role = self.roles[min(self.n, len(self.roles) - 1)]
+        self.tokens_since_switch = 0 if role is not self.active else self.tokens_since_switch + 1
+        self.active = role
         return self.active

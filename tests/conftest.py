@@ -123,6 +123,17 @@ def prompts(pair):
     return [pair.encode(q[: 40 + 37 * i]) for i, q in enumerate(gsm8k_questions(5))]
 
 
+def scripted_costs(engine, small_s: float, large_s: float, per_token: float = 0.0):
+    """Fix the costs a BatchEngine's scheduler reads (seconds per step of each model, seconds per catch-up token of
+    the large one) and stop measuring them, so that its choices do not depend on this machine's timing."""
+    from ead.config import Role
+
+    engine.step_seconds = {Role.SMALL: small_s, Role.LARGE: large_s}
+    engine._measure = lambda role, seconds: None
+    engine.large_costs = lambda: (large_s, per_token)
+    return engine
+
+
 def switching_config(pair, prompt: list[int], params):
     """tau at the median entropy of a small-only run of `prompt`, so that every row switches, each at its own
     steps (window 2, dwell 2)."""

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from ead.config import EngineConfig, Role, RouterConfig
+from ead.bench import entropy_stream, paper_roles, roles_for_share
 from ead.engine import BatchEngine, Engine, _keeps_model
 from ead.errors import CacheCapacityError, ConfigError
 from ead.router import Router, ScriptedRouter, entropy_bits
 from ead.runner import NativeBatchRunner
 from ead.sampling import SamplingParams
 
-from conftest import switching_config
+from conftest import scripted_costs, switching_config
 
 S, L = Role.SMALL, Role.LARGE
 NATIVE = EngineConfig(backend="native")
@@ -255,9 +256,9 @@ def test_a_round_ahead_of_rows_that_all_finished_is_dropped_without_records(pair
 
 # --- when it does not run ---
 
-def test_sampled_rows_other_schedules_and_the_hf_backend_never_run_ahead(pair, prompts, cfg):
+def test_sampled_rows_and_the_hf_backend_never_run_ahead(pair, prompts):
     """Seeded sampling (a discarded round ahead would have drawn from the row's generator), a batch mixing a sampled
-    row with greedy ones, the throughput schedule and the transformers backend: no round ahead, the same output."""
+    row with greedy ones, and the transformers backend: no round ahead, the same output."""
     sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=15, ignore_eos=True)
     greedy = SamplingParams(max_new_tokens=15, ignore_eos=True)
     small_only = RouterConfig(threshold_bits=math.inf)
@@ -266,12 +267,65 @@ def test_sampled_rows_other_schedules_and_the_hf_backend_never_run_ahead(pair, p
         engine, on = run(pair, small_only, prompts[: len(params)], params, True, 3)
         assert [r.token_ids for r in on] == [r.token_ids for r in off]
         assert engine.lookahead_rounds == engine.lookahead_discarded == 0
-    engine = engine_with(pair, cfg, True, 2)
-    engine.schedule = "throughput"
-    engine.generate_many(prompts[:3], greedy)
-    assert engine.lookahead_rounds == engine.lookahead_discarded == 0
     engine, _ = run(pair, small_only, prompts[:2], greedy, True, 2, engine_cfg=EngineConfig(backend="hf"))
     assert engine.lookahead_rounds == engine.lookahead_discarded == 0
+
+
+# --- the throughput schedule ---
+
+def throughput_run(pair, prompts, scripts, dwell: int, lookahead: bool, large_s: float, **schedule):
+    """(engine, results, rounds) of the throughput schedule over scripted rows that declare `dwell`: small steps cost
+    1 s and large ones `large_s` (scripted, not measured), the guard's clock says every round took 2 s, and the
+    large group never waits too long. `rounds`: per round, (its group, whether a spell of the guard forced it,
+    whether it was the round run ahead)."""
+    engine = scripted_costs(BatchEngine(pair, RouterConfig(), NATIVE, max_batch=len(scripts), max_wait_steps=1e9,
+                                        schedule="throughput", **schedule), 1.0, large_s)
+    engine.lookahead = lookahead
+    judged = engine._guard
+    engine._guard = lambda tokens, seconds, running: judged(tokens, 2.0, running)
+    seqs = [engine.add(p, PARAMS, ScriptedRouter(r, dwell)) for p, r in zip(prompts, scripts)]
+    rounds = []
+    while engine.has_work:
+        ran = engine.lookahead_rounds
+        events = engine.step()
+        if events:
+            rounds.append((events[0][1].role, engine.forced, engine.lookahead_rounds > ran))
+    return engine, [engine.result(seq) for seq in seqs], rounds
+
+
+@pytest.mark.parametrize("case", ["spell", "phase"])
+def test_throughput_large_rounds_that_every_row_rides_run_ahead_where_the_next_is_certain(pair, prompts, case):
+    """Spells of the guard (rows small for ever and one row large for ever, so that small rounds fail the guard)
+    and phases of large rounds (two rows whose large segments overlap, each declaring a dwell of 8): within a spell
+    every round but its first runs ahead; within a phase, rounds run ahead while enough large rows are within their
+    dwell, and none is ever discarded. Each row writes the same tokens with the same trace as with the lookahead
+    off, and every token is the greedy token of the model its record names, on the row's whole prefix."""
+    if case == "spell":
+        scripts, dwell, large_s = [[S] * 40, [S] * 40, [S] * 12 + [L] * 40, [L] * 40], 0, 2.0
+        schedule = {"guard_rounds": 3}
+    else:
+        scripts, dwell, large_s = [[S] * 40, [S] * 8 + [L] * 10 + [S] * 40, [S] * 10 + [L] * 14 + [S] * 40,
+                                   [S] * 40], 8, 100.0
+        schedule = {"guard_rounds": 0, "large_phase": (0.5, 0.25)}
+    _, off, rounds_off = throughput_run(pair, prompts, scripts, dwell, False, large_s, **schedule)
+    engine, on, rounds = throughput_run(pair, prompts, scripts, dwell, True, large_s, **schedule)
+    assert [r[:2] for r in rounds] == [r[:2] for r in rounds_off]  # the same rounds
+    for i, (a, b) in enumerate(zip(on, off)):
+        assert_same(a, b, f"row {i}")
+    models = {S: pair.small.model, L: pair.large.model}
+    for prompt, res in zip(prompts, on):
+        for step in res.trace.steps:
+            assert step.token_id == next_token(models[step.role], prompt + res.token_ids[: step.index])[0]
+    ahead = [ran for role, _, ran in rounds if role is L]
+    assert engine.lookahead_discarded == 0 and any(ahead)
+    if case == "spell":  # every forced round runs ahead but the first of its spell; no small one (row 3 is large)
+        forced = [f for _, f, _ in rounds]
+        spells = sum(f and not (i and forced[i - 1]) for i, f in enumerate(forced))
+        assert spells >= 2 and engine.lookahead_rounds == sum(forced) - spells
+        assert all(f for _, f, ran in rounds if ran)
+    else:  # small rounds run ahead while every row is in small mode, as under the exact schedule
+        assert engine.fallback_rounds == 0 and not all(ahead)
+        assert any(ran for role, _, ran in rounds if role is S)
 
 
 def test_the_config_flag_turns_it_off(pair):
@@ -297,6 +351,27 @@ def test_which_routers_keep_their_model_at_the_next_token(router, keeps):
     assert _keeps_model(router) is keeps
     before = router.active
     assert (router.observe(1.0) is before) or not keeps
+
+
+def test_a_script_of_the_rule_declares_what_the_rule_knows():
+    """ead bench's scripts (the paper's rule on a synthetic entropy stream) declare the rule's dwell: at every token the
+    engine can count on exactly what it could with the rule itself reading that stream, and the script does keep its
+    model wherever that says so; past its end (its last token on) it keeps its last role for certain. A script
+    switching within the dwell it declares is refused."""
+    stream = entropy_stream(200, seed=5)
+    roles = roles_for_share(200, 0.3, seed=5)
+    tau = next(t / 1000 for t in range(4000) if paper_roles(stream, t / 1000) == roles)
+    rule, script = Router(RouterConfig(threshold_bits=tau)), ScriptedRouter.of_rule(roles)
+    claims = []
+    for i, bits in enumerate(stream):
+        assert _keeps_model(script) == (_keeps_model(rule) or i == len(stream) - 1)
+        claims.append(_keeps_model(script))
+        before = script.active
+        assert rule.observe(bits) is script.observe(bits)
+        assert script.active is before or not claims[-1]
+    assert 0 < sum(claims) < len(claims) and 0 < sum(r is L for r in roles) < len(roles)
+    with pytest.raises(ConfigError, match="switches 2 tokens after token 3, within its dwell of 3"):
+        ScriptedRouter([S] * 3 + [L] * 2 + [S] * 5, 3)
 
 
 # --- the runner ---

@@ -23,7 +23,7 @@ from ead.errors import ConfigError
 from ead.router import ScriptedRouter, entropy_bits
 from ead.sampling import SamplingParams
 
-from conftest import gsm8k_questions, switching_config
+from conftest import gsm8k_questions, scripted_costs, switching_config
 
 S, L = Role.SMALL, Role.LARGE
 TOKENS = 24
@@ -34,15 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def cfg(pair, prompts):
     return switching_config(pair, prompts[0], PARAMS)
-
-
-def scripted_costs(engine: BatchEngine, small_s: float, large_s: float, per_token: float = 0.0) -> BatchEngine:
-    """Fix the costs the scheduler reads (seconds per step of each model, seconds per catch-up token of the large
-    one) and stop measuring them."""
-    engine.step_seconds = {S: small_s, L: large_s}
-    engine._measure = lambda role, seconds: None
-    engine.large_costs = lambda: (large_s, per_token)
-    return engine
 
 
 @torch.no_grad()
