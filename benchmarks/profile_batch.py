@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ead.bench import _phase, random_pair, roles_for_share, run_engine, sync
-from ead.config import EngineConfig, RouterConfig
+from ead.config import LARGE_PHASE, EngineConfig, RouterConfig
 from ead.engine import BatchEngine
 from ead.router import ScriptedRouter
 from ead.runner import _catch_up_bucket
@@ -37,8 +37,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
     p.add_argument("--guard-rounds", type=int, default=32, help="the throughput schedule's guard window (0 = off)")
-    p.add_argument("--large-phase", type=_phase, default=None, metavar="HIGH,LOW",
-                   help="the throughput schedule's phases of large rounds, e.g. 0.5,0.2")
+    p.add_argument("--large-phase", type=_phase, default=LARGE_PHASE, metavar="HIGH,LOW",
+                   help="the throughput schedule's phases of large rounds (default "
+                        f"{','.join(map(str, LARGE_PHASE))}; off = none)")
     p.add_argument("--device", default="cuda", help="cpu: only to try the script on tiny shapes")
     args = p.parse_args()
     torch.set_grad_enabled(False)

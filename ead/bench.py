@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ead.config import SCHEDULES, EngineConfig, Role, RouterConfig, SpeculativeConfig
+from ead.config import LARGE_PHASE, SCHEDULES, EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.errors import ConfigError
 from ead.router import Router, ScriptedRouter
 
@@ -284,20 +284,22 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
     vocab = min(_vocab(pair.small.model), _vocab(pair.large.model))
     for batch in args.batch if batches is None else batches:
         gen = torch.Generator().manual_seed(batch)
-        prompts = [torch.randint(3, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(batch)]
+        waves = getattr(args, "waves", 1)
+        prompts = [torch.randint(3, vocab, (args.prompt_tokens,), generator=gen).tolist()
+                   for _ in range(batch * waves)]
         out = {"config": "engine", **label, "batch": batch}
         try:
             with memory_scope(pair.device, out):
                 engine = BatchEngine(pair, RouterConfig(), cfg, max_batch=batch,
                                      guard_rounds=getattr(args, "guard_rounds", 32),
-                                     large_phase=getattr(args, "large_phase", None))
+                                     large_phase=getattr(args, "large_phase", LARGE_PHASE))
                 t0 = time.perf_counter()
                 engine.warm_up(args.prompt_tokens + args.tokens + 1)
                 out["capture_s"] = round(time.perf_counter() - t0, 2)
-                modes = {"small_only": ([[Role.SMALL]] * batch, "exact"),
-                         "large_only": ([[Role.LARGE]] * batch, "exact")}
+                modes = {"small_only": ([[Role.SMALL]] * len(prompts), "exact"),
+                         "large_only": ([[Role.LARGE]] * len(prompts), "exact")}
                 for f in args.shares if shares is None else shares:
-                    scripts = [roles_for_share(args.tokens, f, seed=1000 * batch + i) for i in range(batch)]
+                    scripts = [roles_for_share(args.tokens, f, seed=1000 * batch + i) for i in range(len(prompts))]
                     for schedule in getattr(args, "schedule", ["exact"]):
                         if schedule == "exact" or batch > 1:  # alone, a row's rounds are the same either way
                             modes[f"ead_f{f:g}" + ("" if schedule == "exact" else f"_{schedule}")] = (scripts, schedule)
@@ -305,7 +307,7 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
                 # span the rows grow through, catch-up widths of typical switches, and of each schedule's rounds)
                 for schedule in sorted({schedule for _, schedule in modes.values()}):
                     engine.schedule = schedule
-                    run_engine(engine, prompts, args.tokens,
+                    run_engine(engine, prompts[:batch], args.tokens,
                                [ScriptedRouter.of_rule(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
                 sync(pair.device)
                 timed = {}
@@ -415,8 +417,10 @@ def _vocab(model) -> int:
     return model.args.vocab_size if hasattr(model, "args") else model.config.vocab_size
 
 
-def _phase(text: str) -> tuple[float, float]:
-    """--large-phase HIGH,LOW."""
+def _phase(text: str) -> tuple[float, float] | None:
+    """--large-phase HIGH,LOW, or off."""
+    if text == "off":
+        return None
     try:
         high, low = (float(x) for x in text.split(","))
     except ValueError:
@@ -440,6 +444,9 @@ def register(subparsers) -> None:
                         "throughput (large rounds carry every row; batch > 1), e.g. exact,throughput")
     p.add_argument("--tokens", type=int, default=256, help="new tokens per row")
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--waves", type=int, default=1,
+                   help="prompts per batch slot: WAVES x batch rows go through batch slots, each new row taking the "
+                        "slot a finished one frees (a server's steady state; the guard keeps what it learnt)")
     p.add_argument("--hf-tokens", type=int, default=32, help="tokens for transformers' generate (0 = skip)")
     p.add_argument("--backend", default="auto",
                    help="engine backend (auto = native on CUDA); with --models default a comma-separated list runs "
@@ -464,8 +471,9 @@ def register(subparsers) -> None:
                    help="read each round before launching the next (EngineConfig.lookahead), to time what it saves")
     p.add_argument("--guard-rounds", type=int, default=32,
                    help="the throughput schedule's guard window in rounds (BatchEngine.guard_rounds; 0 = off)")
-    p.add_argument("--large-phase", type=_phase, default=None, metavar="HIGH,LOW",
-                   help="the throughput schedule's phases of large rounds (BatchEngine.large_phase), e.g. 0.5,0.2")
+    p.add_argument("--large-phase", type=_phase, default=LARGE_PHASE, metavar="HIGH,LOW",
+                   help="the throughput schedule's phases of large rounds (BatchEngine.large_phase; default "
+                        f"{','.join(map(str, LARGE_PHASE))}; off = none)")
     from ead.cli import add_parallel_args
 
     add_parallel_args(p)
@@ -490,6 +498,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.draft_confidence = None
     if (args.small is None) != (args.large is None):
         raise ConfigError("pass both --small and --large (real models), or neither")
+    if args.waves < 1:
+        raise ConfigError(f"--waves must be at least 1 (prompts per batch slot), got {args.waves}")
     rows = []
 
     def emit(obj: dict | None) -> None:

@@ -134,6 +134,8 @@ MODES = ("ead", "speculative", "hybrid")
 # How a batch's rounds are chosen (ead.engine.BatchEngine): "exact" keeps every row's output what it is alone;
 # "throughput" lets a large round carry the rows in small mode too, for at least large-only throughput.
 SCHEDULES = ("exact", "throughput")
+# The throughput schedule's phases of large rounds, (high, low): see ead.engine.BatchEngine's `large_phase`.
+LARGE_PHASE = (0.5, 0.2)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ead.config import MODES, SCHEDULES, EngineConfig, Role, RouterConfig, SpeculativeConfig
+from ead.config import LARGE_PHASE, MODES, SCHEDULES, EngineConfig, Role, RouterConfig, SpeculativeConfig
 from ead.errors import CacheCapacityError, ConfigError, RequestError
 from ead.metrics import GenerateResult, StepRecord, SwitchEvent, Trace, VerifyEvent, summarize
 from ead.models.tensor_parallel import broadcast_from_first
@@ -125,7 +125,7 @@ class BatchEngine:
                  max_batch: int = 16, max_wait_steps: float = 16.0, large_fill: float = 0.75, mode: str = "ead",
                  speculative: SpeculativeConfig | None = None, sync: Callable[[Tensor], Tensor] | None = None,
                  schedule: str = "exact", guard_rounds: int = 32,
-                 large_phase: tuple[float, float] | None = None) -> None:
+                 large_phase: tuple[float, float] | None = LARGE_PHASE) -> None:
         """`sync`, for a model split across processes (ead.models.tensor_parallel): applied to each round's
         (rows, 5) summary of signals and tokens before the routers read it, e.g. `broadcast_from_first`, so
         that one rank's sampler and routers decide for all (and to the round's choice of group, which reads
@@ -156,12 +156,12 @@ class BatchEngine:
         `guard_rounds` (throughput schedule, one device; 0 = off): the window of the guard (`_guard`) that holds
         the schedule to large-only throughput by the clock, whatever the fitted costs say.
 
-        `large_phase` (throughput schedule; None = off), (high, low): once the large group holds at least `high`
-        of the running rows, or has waited more than `max_wait_steps` large steps, large rounds that every row
-        rides go on until it holds less than `low` of them; between phases, the rule above. Rows then leave their
-        large segments together, so the small rounds after a phase are full ones. Not measured on a GPU yet:
-        `benchmarks/schedule_sim.py --passes --split` predicts (0.5, 0.2) at 1.15x large-only at batch 16 and
-        0.97x at 64 (f = 0.25; the large model writing 60-70% of the tokens), against 0.95x and 0.86x without."""
+        `large_phase` (throughput schedule; default `LARGE_PHASE`, None = off), (high, low): once the large group
+        holds at least `high` of the running rows, or has waited more than `max_wait_steps` large steps, large
+        rounds that every row rides go on until it holds less than `low` of them; between phases, the rule above.
+        Rows then leave their large segments together, so the small rounds after a phase are full ones. On an
+        H100 (BENCHMARKS.md, session 6), f = 0.25: 1.13x large-only at batch 16 and 0.87x at 64, against 1.01x
+        and 0.73x without phases; f = 0.43: 0.99x and 1.00x against 0.89x and 0.84x."""
         if sync is None and getattr(pair, "large_tp", 1) > 1:
             sync = broadcast_from_first
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:

@@ -7,6 +7,7 @@ device: the engine asks it which model writes the next token and does the rest.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ class ScriptedRouter:
         self.active, self.last_mean_bits = self.roles[0], math.nan
         self.tokens_since_switch = 0
         starts = [0] + [i for i in range(1, len(self.roles)) if self.roles[i] is not self.roles[i - 1]]
-        short = [i for i, j in zip(starts, starts[1:]) if j - i < min_dwell_tokens]
+        short = [i for i, j in itertools.pairwise(starts) if j - i < min_dwell_tokens]
         if short:
             raise ConfigError(f"the script switches {starts[starts.index(short[0]) + 1] - short[0]} tokens after "
                              f"token {short[0]}, within its dwell of {min_dwell_tokens}; give a shorter dwell (0 = none)")

@@ -68,8 +68,38 @@ def test_guard_and_phase_options_reach_the_engine_and_are_reported(monkeypatch, 
     monkeypatch.setattr(BatchEngine, "__init__", spy)
     argv = ["bench", "--pair", "tiny:tiny-large", "--batch", "2", "--tokens", "4", "--prompt-tokens", "4",
             "--hf-tokens", "0", "--gamma", "0", "--shares", "0.4", "--device", "cpu", "--schedule", "throughput"]
-    assert main(argv + ["--guard-rounds", "0", "--large-phase", "0.5,0.2"]) == 0
-    assert set(seen) == {(0, (0.5, 0.2))}
+    assert main(argv + ["--guard-rounds", "0", "--large-phase", "0.6,0.1"]) == 0
+    assert set(seen) == {(0, (0.6, 0.1))}
+    seen.clear()
+    assert main(argv + ["--large-phase", "off"]) == 0
+    assert set(seen) == {(32, None)}
+    seen.clear()
+    assert main(argv) == 0  # the engine's default phases
+    assert set(seen) == {(32, (0.5, 0.2))} and BatchEngine(*_tiny_args()).large_phase == (0.5, 0.2)
     with pytest.raises(SystemExit):
         main(argv + ["--large-phase", "0.2,0.5"])
     assert "need 0 <= LOW <= HIGH <= 1, got '0.2,0.5'" in capsys.readouterr().err
+
+
+def _tiny_args():
+    import torch
+
+    from ead.bench import random_pair
+
+    return (random_pair("tiny", "tiny-large", torch.device("cpu"), torch.device("cpu"), torch.float32),)
+
+
+def test_waves_send_more_rows_than_slots_through_the_batch(tmp_path):
+    """--waves 3 at batch 2: 6 rows through 2 slots, every row to its full length, in every mode; fewer than one
+    wave is refused."""
+    out = tmp_path / "bench.jsonl"
+    argv = ["bench", "--pair", "tiny:tiny-large", "--batch", "2", "--tokens", "10", "--prompt-tokens", "6",
+            "--hf-tokens", "0", "--gamma", "0", "--shares", "0.4", "--device", "cpu", "--schedule",
+            "exact,throughput", "--out", str(out)]
+    assert main(argv + ["--waves", "3"]) == 0
+    rows = [r for r in map(json.loads, out.read_text().splitlines()) if r.get("config") == "engine"]
+    assert len(rows) == 4 and not [r for r in rows if "error" in r]
+    for r in rows:
+        assert (r["rows"], r["tokens"]) == (6, 60), r["mode"]
+        assert r["rows_per_round_small"] <= 2 and r["rows_per_round_large"] <= 2
+    assert main(argv + ["--waves", "0"]) == 2

@@ -90,11 +90,12 @@ def test_throughput_keeps_every_routed_large_token_and_adds_ride_alongs(pair, pr
 
 @pytest.mark.parametrize("small_s, large_s, per_token", [(1.0, 3.0, 0.0), (1.0, 1.5, 0.0), (1.0, 3.0, 0.3)])
 def test_the_round_is_the_one_with_more_rows_per_second(pair, prompts, small_s, large_s, per_token):
-    """With scripted costs and no wait bound, each round is small iff n_small / (T_small + c * n_small) >
+    """Without phases of large rounds, with scripted costs and no wait bound, each round is small iff n_small / (T_small + c * n_small) >
     n_all / T_large (c: the large model's cost of catching up a token later); a small round steps exactly the
     rows in small mode, a large round every running row."""
     engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4,
-                                        max_wait_steps=1e9, schedule="throughput"), small_s, large_s, per_token)
+                                        max_wait_steps=1e9, schedule="throughput", large_phase=None),
+                            small_s, large_s, per_token)
     scripts = [[S] * 40, [L] * 40, [S] * 3 + [L] * 6 + [S] * 30, [L] * 2 + [S] * 40]
     seqs = [engine.add(p, PARAMS, ScriptedRouter(r)) for p, r in zip(prompts, scripts)]
     seen = set()
@@ -128,11 +129,12 @@ def test_large_costs_fit_the_line_of_the_large_rounds_times_against_their_catch_
 
 @pytest.mark.parametrize("max_wait_steps", [0.0, 1e9])
 def test_large_rows_wait_no_longer_than_the_bound(pair, prompts, max_wait_steps):
-    """Small steps so cheap that the rule always prefers them while a row is in small mode: only the bound
-    brings the large rows' turn. With no wait allowed they never wait two rounds; unbounded, they wait until
-    the small rows are done."""
+    """Small steps so cheap that the rule always prefers them while a row is in small mode (no phases of large
+    rounds): only the bound brings the large rows' turn. With no wait allowed they never wait two rounds;
+    unbounded, they wait until the small rows are done."""
     engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=3,
-                                        max_wait_steps=max_wait_steps, schedule="throughput"), 1.0, 100.0)
+                                        max_wait_steps=max_wait_steps, schedule="throughput", large_phase=None),
+                            1.0, 100.0)
     scripts = [[L] * 40, [S] * 40, [S] * 5 + [L] * 40]
     seqs = [engine.add(p, PARAMS, ScriptedRouter(r)) for p, r in zip(prompts, scripts)]
     waits, longest = {seq: 0 for seq in seqs}, 0
