@@ -6,6 +6,8 @@ whole sequence, without any cache, in float32 on CPU.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -157,6 +159,28 @@ def test_attention_mask_by_hand():
     assert torch.equal(attention_mask(positions, is_real, n_slots=5)[:, 0], expected)
     # A shorter attended span (kv_len) cuts the same mask: the real queries' slots all lie inside it.
     assert torch.equal(attention_mask(positions, is_real, n_slots=4)[:, 0], expected[..., :4])
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_attention_with_grouped_heads_by_hand(expand):
+    """`attend` (SDPA with grouped heads, or with the heads expanded as eager CUDA passes run it) against softmax
+    attention written out: 6 query heads over 2 key/value heads, each query head reading its group's head, under an
+    additive mask that hides a different set of keys per row and token."""
+    from ead.models.transformer import attend
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, H_kv, T, L, D = 2, 6, 2, 3, 5, 4
+    q, k, v = (torch.randn(*shape, generator=gen) for shape in ((B, H, T, D), (B, H_kv, L, D), (B, H_kv, L, D)))
+    hidden = torch.rand(B, 1, T, L, generator=gen) < 0.4
+    hidden[..., 0] = False  # every query sees at least one key
+    mask = torch.zeros(B, 1, T, L).masked_fill(hidden, -math.inf)
+    ref = torch.empty(B, H, T, D)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // H_kv)
+            weights = torch.softmax(q[b, h] @ k[b, g].T / math.sqrt(D) + mask[b, 0], dim=-1)  # (T, L)
+            ref[b, h] = weights @ v[b, g]
+    assert torch.allclose(attend(q, k, v, mask, expand), ref, atol=1e-5)
 
 
 def test_from_hf_config_reads_rope_heads_and_ties():
