@@ -324,21 +324,9 @@ class BatchEngine:
                 self.fallback_left -= 1
                 self.fallback_rounds += 1
                 return Role.LARGE
-            n_small, n_large = len(groups[Role.SMALL]), len(groups[Role.LARGE])
-            n_all = n_small + n_large
-            if self.large_phase is not None:
-                high, low = self.large_phase
-                if n_large and (self.waited[Role.LARGE] > bound or n_large >= high * n_all):
-                    self.in_phase = True
-                elif n_large < low * n_all:
-                    self.in_phase = False
-                if self.in_phase:
-                    return Role.LARGE
-            if groups[Role.LARGE] and self.waited[Role.LARGE] > bound:
-                return Role.LARGE
-            t_large, per_token = self.large_costs()
-            faster = n_small / (self.step_seconds[Role.SMALL] + per_token * n_small) > n_all / t_large
-            return Role.SMALL if faster else Role.LARGE
+            role, self.in_phase = self._throughput_rule(len(groups[Role.SMALL]), len(groups[Role.LARGE]),
+                                                        self.waited[Role.LARGE], self.in_phase)
+            return role
         if len(nonempty) == 1:
             return nonempty[0]
         starved = [role for role in nonempty if self.waited[role] > bound]
@@ -346,6 +334,26 @@ class BatchEngine:
             return max(starved, key=lambda role: self.waited[role])
         n_large, n_small = len(groups[Role.LARGE]), len(groups[Role.SMALL])
         return Role.LARGE if n_large >= self.large_fill * (n_large + n_small) else Role.SMALL
+
+    def _throughput_rule(self, n_small: int, n_large: int, waited_large: float, in_phase: bool) -> tuple[Role, bool]:
+        """The throughput schedule's choice outside a spell of the guard, for groups of these sizes after the large
+        one waited `waited_large` seconds: (the group that steps, whether a phase of large rounds is on). No side
+        effects, so that `_likely_run` can ask what the next round will be."""
+        n_all = n_small + n_large
+        bound = self.max_wait_steps * self.step_seconds[Role.LARGE]
+        if self.large_phase is not None:
+            high, low = self.large_phase
+            if n_large and (waited_large > bound or n_large >= high * n_all):
+                in_phase = True
+            elif n_large < low * n_all:
+                in_phase = False
+            if in_phase:
+                return Role.LARGE, True
+        if n_large and waited_large > bound:
+            return Role.LARGE, in_phase
+        t_large, per_token = self.large_costs()
+        faster = n_small / (self.step_seconds[Role.SMALL] + per_token * n_small) > n_all / t_large
+        return (Role.SMALL if faster else Role.LARGE), in_phase
 
     def step(self) -> list[tuple[Sequence, StepRecord]]:
         """One round: one new token for each sequence of the chosen group (under the throughput schedule a large
@@ -571,21 +579,36 @@ class BatchEngine:
         switch at the next token.
 
         Throughput schedule: a large round is one that every row rides, and `rows` are all the running rows; the
-        next round is one too for certain while a spell of the guard goes on, and within a phase of large rounds
-        (`large_phase`) while enough rows keep their large mode for the phase to last whatever the others do. A
-        small round runs ahead as in the exact schedule, and only if no spell starts before the next round."""
+        next round is one too for certain while a spell of the guard goes on; likely within a phase of large rounds
+        (`large_phase`) if the phase outlasts half the large rows that may switch at the next token doing so (the
+        rows within their dwell stay for certain; a router of the paper's rule leaves a large segment at a given
+        token with a probability well under a half, and rows switch on their own); and outside a phase if the rule
+        (`_throughput_rule`) still picks a large round when as many large rows as may switch, up to 2 or a tenth of
+        them, have gone small. A small round runs ahead if no spell is on or may start after it, and the rule still
+        picks small when as many small rows as may switch, up to 2 or a tenth of them, have gone large and the
+        large group has waited two more small steps."""
         if frees_slot and self.queue:
             return False
-        if self.schedule == "throughput" and role is Role.LARGE:
-            if self.fallback_left > 0:
-                return True
-            staying = sum(seq.router.active is Role.LARGE and _keeps_model(seq.router) for seq in rows)
-            return self.in_phase and staying >= self.large_phase[1] * len(rows)
+        if self.schedule == "throughput":
+            if role is Role.LARGE:
+                if self.fallback_left > 0:
+                    return True
+                large = [seq for seq in rows if seq.router.active is Role.LARGE]
+                may = sum(not _keeps_model(seq.router) for seq in large)
+                if self.in_phase:
+                    return len(large) - math.ceil(may / 2) >= self.large_phase[1] * len(rows)
+                k = min(may, max(2, math.ceil(may / 10)))  # large rows going small: the rule's worst case
+                return self._throughput_rule(len(rows) - len(large) + k, len(large) - k, 0.0, False)[0] is Role.LARGE
+            if self.fallback_left > 0 or len(self.recent) + 1 >= self.guard_rounds > 0:
+                return False  # a spell of large rounds is on, or this round's verdict may start one
+            may = sum(not _keeps_model(seq.router) for seq in rows)
+            k = min(may, max(2, math.ceil(may / 10)))  # small rows going large: the rule's worst case
+            waited = self.waited[Role.LARGE] + 2 * self.step_seconds[Role.SMALL]
+            n_large = len(groups[Role.LARGE])
+            return self._throughput_rule(len(rows) - k, n_large + k, waited, False)[0] is Role.SMALL
         other = Role.LARGE if role is Role.SMALL else Role.SMALL
         if groups[other]:
             return False
-        if self.schedule == "throughput" and (self.fallback_left > 0 or len(self.recent) + 1 >= self.guard_rounds > 0):
-            return False  # a spell of large rounds is on, or this round's verdict may start one
         return role is Role.SMALL or all(_keeps_model(seq.router) for seq in rows)
 
     def _ends_now(self, seq: Sequence) -> bool:

@@ -293,20 +293,28 @@ def throughput_run(pair, prompts, scripts, dwell: int, lookahead: bool, large_s:
     return engine, [engine.result(seq) for seq in seqs], rounds
 
 
-@pytest.mark.parametrize("case", ["spell", "phase"])
-def test_throughput_large_rounds_that_every_row_rides_run_ahead_where_the_next_is_certain(pair, prompts, case):
-    """Spells of the guard (rows small for ever and one row large for ever, so that small rounds fail the guard)
-    and phases of large rounds (two rows whose large segments overlap, each declaring a dwell of 8): within a spell
-    every round but its first runs ahead; within a phase, rounds run ahead while enough large rows are within their
-    dwell, and none is ever discarded. Each row writes the same tokens with the same trace as with the lookahead
+@pytest.mark.parametrize("forced", [False, True])
+@pytest.mark.parametrize("case", ["spell", "phase", "waiting"])
+def test_throughput_rounds_run_ahead_where_the_next_is_likely_the_same(pair, prompts, case, forced, request):
+    """Spells of the guard (rows small for ever and one row large for ever, so that small rounds fail the guard),
+    phases of large rounds (two rows whose large segments overlap, each declaring a dwell of 8), and small rounds
+    beside a waiting large row: within a spell every round but its first runs ahead; within a phase, rounds run
+    ahead while the phase outlasts the large rows that may leave; small rounds run ahead where the rule picks them
+    again; none is discarded here. Forced (every round ahead, `every_round_ahead`), rounds are discarded, riders'
+    caches rolled back too. Either way each row writes the same tokens with the same trace as with the lookahead
     off, and every token is the greedy token of the model its record names, on the row's whole prefix."""
+    if forced:
+        request.getfixturevalue("every_round_ahead")
     if case == "spell":
         scripts, dwell, large_s = [[S] * 40, [S] * 40, [S] * 12 + [L] * 40, [L] * 40], 0, 2.0
-        schedule = {"guard_rounds": 3}
-    else:
+        schedule = {"guard_rounds": 3, "large_phase": None}
+    elif case == "phase":
         scripts, dwell, large_s = [[S] * 40, [S] * 8 + [L] * 10 + [S] * 40, [S] * 10 + [L] * 14 + [S] * 40,
                                    [S] * 40], 8, 100.0
         schedule = {"guard_rounds": 0, "large_phase": (0.5, 0.25)}
+    else:  # three small rows while a large one waits (no bound): the rule picks small until they are done
+        scripts, dwell, large_s = [[S] * 40, [S] * 40, [S] * 40, [L] * 40], 0, 100.0
+        schedule = {"guard_rounds": 0, "large_phase": None}
     _, off, rounds_off = throughput_run(pair, prompts, scripts, dwell, False, large_s, **schedule)
     engine, on, rounds = throughput_run(pair, prompts, scripts, dwell, True, large_s, **schedule)
     assert [r[:2] for r in rounds] == [r[:2] for r in rounds_off]  # the same rounds
@@ -317,15 +325,20 @@ def test_throughput_large_rounds_that_every_row_rides_run_ahead_where_the_next_i
         for step in res.trace.steps:
             assert step.token_id == next_token(models[step.role], prompt + res.token_ids[: step.index])[0]
     ahead = [ran for role, _, ran in rounds if role is L]
-    assert engine.lookahead_discarded == 0 and any(ahead)
-    if case == "spell":  # every forced round runs ahead but the first of its spell; no small one (row 3 is large)
+    small_ahead = [ran for role, _, ran in rounds if role is S]
+    if forced:  # the waiting case's rounds are what the engine expects anyway
+        assert (engine.lookahead_discarded > 0) is (case != "waiting") and any(ahead) and any(small_ahead)
+        return
+    assert engine.lookahead_discarded == 0
+    if case == "spell":  # every forced round runs ahead but the first of its spell, and only those large rounds
         forced = [f for _, f, _ in rounds]
         spells = sum(f and not (i and forced[i - 1]) for i, f in enumerate(forced))
-        assert spells >= 2 and engine.lookahead_rounds == sum(forced) - spells
-        assert all(f for _, f, ran in rounds if ran)
-    else:  # small rounds run ahead while every row is in small mode, as under the exact schedule
-        assert engine.fallback_rounds == 0 and not all(ahead)
-        assert any(ran for role, _, ran in rounds if role is S)
+        assert spells >= 2 and sum(ahead) == sum(forced) - spells > 0
+        assert all(f for role, f, ran in rounds if ran and role is L)
+    elif case == "phase":
+        assert engine.fallback_rounds == 0 and any(ahead) and not all(ahead) and any(small_ahead)
+    else:  # every small round but the first (the prompt's) ran ahead beside the waiting large row
+        assert small_ahead == [False] + [True] * 39 and not any(ahead)
 
 
 def test_the_config_flag_turns_it_off(pair):
