@@ -33,10 +33,10 @@ a round's next round, for the same rows, is launched before the host reads the r
 each row while they are still on the device (`_look_ahead`). The device then works through the host's turn (the
 routers, stop checks, records and the next launch) instead of waiting for it. The next `step` runs that round
 if the scheduler picks the same rows (rows that finished or switched meanwhile only drop out of it); else it is
-discarded, a step of device time lost (`_resume`). So a round runs ahead only while the other group is empty,
-and a large one only where no row's router can switch at the next token (`_likely_run`); under the throughput
-schedule also a large round that every row rides, where the next one is certain to be one too (a spell of the
-guard, a phase of large rounds that lasts).
+discarded, a step of device time lost (`_resume`). So a round runs ahead only where the next is likely the same
+(`_likely_run`): under the exact schedule only while the other group is empty, and a large one only where no
+row's router can switch at the next token; under the throughput schedule also within a spell of the guard or a
+phase of large rounds that lasts, and wherever the rule would pick the same group with a few rows switched.
 
 Modes (`mode`): "ead" is the above. "speculative" gives every token to the large model through speculative
 decoding (`ead.speculative`: the small model drafts, the large one verifies a draft per pass), so the text is
