@@ -265,7 +265,8 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
             "rows": len(prompts), "tokens": len(steps), "seconds": seconds, "tok_per_s": len(steps) / seconds,
             "large_share": n_large / len(steps), "routed_large_share": (n_large - ride_along) / len(steps),
             "ride_along_tokens": ride_along, "guard_rounds": engine.fallback_rounds - before[3],
-            "rounds_ahead": engine.lookahead_rounds - before[4], "ahead_discarded": engine.lookahead_discarded - before[5],
+            "rounds_ahead": engine.lookahead_rounds - before[4],
+            "ahead_discarded": engine.lookahead_discarded - before[5],
             "row_ms_per_token": statistics.mean(r.stats.seconds / len(r.token_ids) * 1e3 for r in results),
             "step_ms_small": statistics.median(one[Role.SMALL]) if one[Role.SMALL] else None,
             "step_ms_large": statistics.median(one[Role.LARGE]) if one[Role.LARGE] else None,
@@ -308,7 +309,8 @@ def bench_pair(pair, args, emit: Callable[[dict], None], label: dict, backend: s
                 for schedule in sorted({schedule for _, schedule in modes.values()}):
                     engine.schedule = schedule
                     run_engine(engine, prompts[:batch], args.tokens,
-                               [ScriptedRouter.of_rule(roles_for_share(args.tokens, 0.3, seed=7 + i)) for i in range(batch)])
+                               [ScriptedRouter.of_rule(roles_for_share(args.tokens, 0.3, seed=7 + i))
+                                for i in range(batch)])
                 sync(pair.device)
                 timed = {}
                 for mode, (scripts, schedule) in modes.items():

@@ -149,8 +149,9 @@ class ScriptedRouter:
         starts = [0] + [i for i in range(1, len(self.roles)) if self.roles[i] is not self.roles[i - 1]]
         short = [i for i, j in itertools.pairwise(starts) if j - i < min_dwell_tokens]
         if short:
-            raise ConfigError(f"the script switches {starts[starts.index(short[0]) + 1] - short[0]} tokens after "
-                             f"token {short[0]}, within its dwell of {min_dwell_tokens}; give a shorter dwell (0 = none)")
+            length = starts[starts.index(short[0]) + 1] - short[0]
+            raise ConfigError(f"the script switches {length} tokens after token {short[0]}, within its dwell of "
+                              f"{min_dwell_tokens}; give a shorter dwell (0 = none)")
 
     @classmethod
     def of_rule(cls, roles: list[Role]) -> ScriptedRouter:

@@ -90,9 +90,9 @@ def test_throughput_keeps_every_routed_large_token_and_adds_ride_alongs(pair, pr
 
 @pytest.mark.parametrize("small_s, large_s, per_token", [(1.0, 3.0, 0.0), (1.0, 1.5, 0.0), (1.0, 3.0, 0.3)])
 def test_the_round_is_the_one_with_more_rows_per_second(pair, prompts, small_s, large_s, per_token):
-    """Without phases of large rounds, with scripted costs and no wait bound, each round is small iff n_small / (T_small + c * n_small) >
-    n_all / T_large (c: the large model's cost of catching up a token later); a small round steps exactly the
-    rows in small mode, a large round every running row."""
+    """Without phases of large rounds, with scripted costs and no wait bound, each round is small iff
+    n_small / (T_small + c * n_small) > n_all / T_large (c: the large model's cost of catching up a token later);
+    a small round steps exactly the rows in small mode, a large round every running row."""
     engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4,
                                         max_wait_steps=1e9, schedule="throughput", large_phase=None),
                             small_s, large_s, per_token)
