@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from ead.config import EngineConfig, Role, RouterConfig
 from ead.bench import entropy_stream, paper_roles, roles_for_share
+from ead.config import EngineConfig, Role, RouterConfig
 from ead.engine import BatchEngine, Engine, _keeps_model
 from ead.errors import CacheCapacityError, ConfigError
 from ead.router import Router, ScriptedRouter, entropy_bits
