@@ -156,8 +156,10 @@ def add_schedule_arg(p: argparse.ArgumentParser, note: str) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default="exact",
                    help="'exact' (default) = every row writes what it writes alone; 'throughput' = a large-model "
                         "round also writes the next token of the rows routed to the small model, at no extra cost, "
-                        "for at least large-only throughput at any batch size (more large-model tokens than routed, "
-                        f"and text that depends on the batch); mode ead only. Here {note}")
+                        "with phases of such rounds and a guard that falls back to them when EAD rounds lose by the "
+                        "clock (more large-model tokens than routed, and text that depends on the batch): on an H100, "
+                        "faster than large-only at batch 4-16, 5-12%% slower at 64 (BENCHMARKS.md); mode ead only. "
+                        f"Here {note}")
 
 
 def main(argv: list[str] | None = None) -> int:

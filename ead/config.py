@@ -132,7 +132,7 @@ DTYPES = {"float32", "bfloat16", "float16"}
 MODES = ("ead", "speculative", "hybrid")
 
 # How a batch's rounds are chosen (ead.engine.BatchEngine): "exact" keeps every row's output what it is alone;
-# "throughput" lets a large round carry the rows in small mode too, for at least large-only throughput.
+# "throughput" lets a large round carry the rows in small mode too, aiming at large-only throughput or better.
 SCHEDULES = ("exact", "throughput")
 # The throughput schedule's phases of large rounds, (high, low): see ead.engine.BatchEngine's `large_phase`.
 LARGE_PHASE = (0.5, 0.2)
