@@ -316,8 +316,6 @@ class BatchEngine:
 
     def _choose_group(self, groups: dict[Role, list[Sequence]]) -> Role:
         """Which group steps this round (see the module docstring, and `__init__` for the throughput rule)."""
-        nonempty = [role for role, rows in groups.items() if rows]
-        bound = self.max_wait_steps * self.step_seconds[Role.LARGE]
         if self.schedule == "throughput":  # a small round advances the small rows, a large round every row
             self.forced = self.fallback_left > 0
             if self.forced:  # the guard found EAD rounds slower than large-only ones: large-only for a while
@@ -327,8 +325,10 @@ class BatchEngine:
             role, self.in_phase = self._throughput_rule(len(groups[Role.SMALL]), len(groups[Role.LARGE]),
                                                         self.waited[Role.LARGE], self.in_phase)
             return role
+        nonempty = [role for role, rows in groups.items() if rows]
         if len(nonempty) == 1:
             return nonempty[0]
+        bound = self.max_wait_steps * self.step_seconds[Role.LARGE]
         starved = [role for role in nonempty if self.waited[role] > bound]
         if starved:
             return max(starved, key=lambda role: self.waited[role])
@@ -419,9 +419,10 @@ class BatchEngine:
         stepped = {seq for role in roles for seq in rows[role]}
         waiting = {role: [seq for seq in groups[role] if seq not in stepped] for role in Role}
 
+        guard = self.schedule == "throughput" and self.guard_rounds and len(roles) == 1
         events, prompt_fed = [], 0
         for role, (feeds, _) in launched.items():
-            if role is Role.LARGE:  # prompt tokens the large model reads here: a prefill that large-only pays too
+            if guard and role is Role.LARGE:  # prompt tokens the large model reads: a prefill large-only pays too
                 prompt_fed = sum(max(0, len(fed) - (len(seq.ids) - len(seq.prompt_ids)))
                                  for seq, fed in zip(rows[role], feeds))
             step_ms = self._account(role, waiting, rows[role], t0)
@@ -429,7 +430,7 @@ class BatchEngine:
                 self._fit_large(sum(map(len, feeds)) - len(feeds), step_ms / 1e3)
             for seq, fed, row in zip(rows[role], feeds, values[role]):
                 events.append((seq, self._advance(seq, role, fed, row, step_ms)))
-        if self.schedule == "throughput" and self.guard_rounds and len(roles) == 1 and not prompt_fed:
+        if guard and not prompt_fed:
             self._guard(len(events), time.perf_counter() - t_round, len(active))
         return events
 
@@ -597,12 +598,11 @@ class BatchEngine:
                 may = sum(not _keeps_model(seq.router) for seq in large)
                 if self.in_phase:
                     return len(large) - math.ceil(may / 2) >= self.large_phase[1] * len(rows)
-                k = min(may, max(2, math.ceil(may / 10)))  # large rows going small: the rule's worst case
+                k = _few(may)  # large rows going small: the rule's worst case
                 return self._throughput_rule(len(rows) - len(large) + k, len(large) - k, 0.0, False)[0] is Role.LARGE
             if self.fallback_left > 0 or len(self.recent) + 1 >= self.guard_rounds > 0:
                 return False  # a spell of large rounds is on, or this round's verdict may start one
-            may = sum(not _keeps_model(seq.router) for seq in rows)
-            k = min(may, max(2, math.ceil(may / 10)))  # small rows going large: the rule's worst case
+            k = _few(sum(not _keeps_model(seq.router) for seq in rows))  # small rows going large: the worst case
             waited = self.waited[Role.LARGE] + 2 * self.step_seconds[Role.SMALL]
             n_large = len(groups[Role.LARGE])
             return self._throughput_rule(len(rows) - k, n_large + k, waited, False)[0] is Role.SMALL
@@ -830,6 +830,11 @@ def _keeps_model(router: RoutingPolicy) -> bool:
     if type(router) is ScriptedRouter:
         return router.n >= len(router.roles) - 1 or router.tokens_since_switch + 1 < router.min_dwell_tokens
     return False
+
+
+def _few(may: int) -> int:
+    """How many of `may` rows that may switch at the next token `_likely_run` reckons with: up to 2, or a tenth."""
+    return min(may, max(2, math.ceil(may / 10)))
 
 
 def _vocab_size(model) -> int:
