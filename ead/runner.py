@@ -31,7 +31,7 @@ from ead.models.graphs import DecodeGraph
 from ead.models.kv_cache import KVCache
 from ead.models.loader import load_native
 from ead.models.transformer import EAGER, ModelArgs, Transformer
-from ead.router import token_summary
+from ead.router import logits_with_summary
 
 # The native cache is allocated up front for the whole context, so its default is bounded: 4096 tokens cost
 # Qwen2.5-14B 0.8 GB of keys and values, where its 32768 positions would cost 6.4 GB per model.
@@ -360,8 +360,7 @@ class NativeBatchRunner:
 
     def _with_summary(self, logits: Tensor) -> Tensor:
         """Eager passes' logits in the graphs' layout: (n, vocab + 5), token_summary's columns last."""
-        logits = logits[:, : self.vocab_size]
-        return torch.cat([logits, token_summary(logits)], dim=-1)
+        return logits_with_summary(logits, self.vocab_size)
 
 
 def _catch_up_bucket(n: int, width: int) -> tuple[int, int]:

@@ -45,6 +45,18 @@ def test_token_signals_match_hand_computed_values():
     assert TokenSignals.from_values(got[1].tolist()).margin == pytest.approx(0.8, abs=1e-5)
 
 
+def test_token_signals_top_two_match_topk_and_ties_give_margin_zero():
+    # The reference is torch.topk, which token_signals no longer calls; rows 1-2 tie for the largest.
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    logits[1, [5, 700]] = 20.0
+    logits[2, :] = 0.0
+    top2 = torch.softmax(logits, dim=-1).topk(2, dim=-1).values
+    got = token_signals(logits)
+    assert got[:, 2].tolist() == pytest.approx(top2[:, 0].tolist(), abs=1e-7)
+    assert got[:, 3].tolist() == pytest.approx((top2[:, 0] - top2[:, 1]).tolist(), abs=1e-7)
+    assert got[1, 3].item() == 0.0 and got[2, 3].item() == 0.0 and got[2, 2].item() == pytest.approx(1e-3)
+
+
 def test_router_takes_signals_or_plain_bits_alike():
     cfg = RouterConfig(threshold_bits=0.5, window_tokens=1, min_dwell_tokens=0)
     a, b = Router(cfg), Router(cfg)

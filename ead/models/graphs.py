@@ -18,7 +18,6 @@ from torch import Tensor
 
 from ead.models.kv_cache import KVCache
 from ead.models.transformer import Transformer
-from ead.router import token_summary
 
 WARMUP_STEPS = 3  # lazy initialisation (cuBLAS handles, workspaces) must happen before capture, not during
 
@@ -27,7 +26,8 @@ class DecodeGraph:
     """One captured forward of `model` over `batch` rows of `width` tokens each, attending over the first
     `kv_len` slots (None = all): (token ids, positions, valid lengths[, cache rows]) -> (batch, V) float32
     logits at each row's last valid token; with `vocab_size`, cut to that width and followed by the 5 columns
-    of `ead.router.token_summary` (routing signals and greedy token), computed inside the graph.
+    of `ead.router.token_summary` (routing signals and greedy token), computed inside the graph (compiled, with
+    fused kernels: `Kernels.with_summary`).
 
     width 1, rows 0..batch-1 (`compact` False): the decode step. width > 1 with `compact`: a catch-up of a few
     rows from anywhere in the cache (batch row b is cache row rows[b]), padded to the width bucket. With `out`
@@ -53,13 +53,18 @@ class DecodeGraph:
         self.valid = torch.zeros((batch,), dtype=torch.int64, device=device)
         self.rows = torch.zeros((batch,), dtype=torch.int64, device=device) if compact else None
 
-        def forward() -> Tensor:
-            return model(self.tokens, self.positions, cache, self.valid, last_only=out is None, kv_len=kv_len,
-                         rows=self.rows)
+        def forward(capture: bool = False) -> Tensor:
+            logits = model(self.tokens, self.positions, cache, self.valid, last_only=out is None, kv_len=kv_len,
+                           rows=self.rows)
+            if out is not None:  # (B, W, V): every position, cast into the caller's buffer (whose contents
+                return out.copy_(logits[..., : out.shape[-1]]) if capture else logits  # a warm-up leaves alone)
+            if vocab_size is None:
+                return logits.float()
+            return model.kernels.with_summary(logits, vocab_size)  # (B, vocab + 5): token_summary's columns last
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side):  # everything the capture records, compilations included, runs here first
             for _ in range(WARMUP_STEPS):
                 forward()
         torch.cuda.current_stream(device).wait_stream(side)
@@ -70,14 +75,7 @@ class DecodeGraph:
         # them once, so the communicator exists before capture).
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(device), torch.cuda.graph(self.graph, pool=pool, stream=side):
-            if out is not None:  # (B, W, V): every position, cast into the caller's buffer
-                self.logits = out.copy_(forward()[..., : out.shape[-1]])
-            else:
-                logits = forward().float()  # (B, V)
-                if vocab_size is not None:  # (B, vocab + 5): the logits, then token_summary's columns
-                    logits = logits[:, :vocab_size]
-                    logits = torch.cat([logits, token_summary(logits)], dim=-1)
-                self.logits = logits
+            self.logits = forward(capture=True)
 
     @torch.inference_mode()  # the static buffers were made in inference mode and may only change in it
     def run_rows(self, tokens: Tensor, positions: Tensor, valid: Tensor, rows: Tensor | None = None) -> Tensor:

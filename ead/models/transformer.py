@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ead.errors import ModelLoadError
 from ead.models.kv_cache import KVCache
+from ead.router import logits_with_summary
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -189,6 +190,7 @@ class Kernels:
     def __init__(self, wrap=lambda fn: fn, decode_attention: Callable[..., Tensor] | None = None) -> None:
         self.rms_norm, self.add_rms_norm, self.rope_store = wrap(rms_norm), wrap(add_rms_norm), wrap(rope_store)
         self.silu_mul, self.step_inputs = wrap(silu_mul), wrap(step_inputs)
+        self.with_summary = wrap(logits_with_summary)  # a decode graph's last step (ead.models.graphs)
         self.decode_attention = decode_attention
 
     @classmethod
