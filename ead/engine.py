@@ -240,6 +240,7 @@ class BatchEngine:
         self.guard_rounds = guard_rounds
         self.recent: list[tuple[int, float, int]] = []
         self.fallback_left, self.fallback_len, self.fallback_rounds = 0, guard_rounds, 0
+        self.spell_rows = 0.0  # the running rows of the try whose loss started the spell
         self.spell_seconds: list[float] = []
         self.forced = False
         self.large_phase = tuple(large_phase) if large_phase is not None else None
@@ -317,6 +318,10 @@ class BatchEngine:
     def _choose_group(self, groups: dict[Role, list[Sequence]]) -> Role:
         """Which group steps this round (see the module docstring, and `__init__` for the throughput rule)."""
         if self.schedule == "throughput":  # a small round advances the small rows, a large round every row
+            running = len(groups[Role.SMALL]) + len(groups[Role.LARGE])
+            if self.fallback_left and not self.spell_rows / 2 <= running <= 2 * self.spell_rows:
+                # The verdict was for a batch of another size (a server's load came or went): judge this one anew.
+                self.fallback_left, self.fallback_len, self.spell_seconds = 0, self.guard_rounds, []
             self.forced = self.fallback_left > 0
             if self.forced:  # the guard found EAD rounds slower than large-only ones: large-only for a while
                 self.fallback_left -= 1
@@ -453,7 +458,11 @@ class BatchEngine:
         Either way a new try starts, judged on its own rounds and the catch-ups they cause. A round in which the
         large model reads prompt tokens (a row's first large round) is left out, spell or try: large-only decoding
         pays that prefill too, and it would count against whichever try it fell in (with it, the first try of a
-        batch-16 run on an H100 failed on the batch's prefill alone, and a spell followed)."""
+        batch-16 run on an H100 failed on the batch's prefill alone, and a spell followed).
+        A verdict holds for a batch of about the size it judged: a spell ends early once the running rows fall
+        below half or rise above twice the try's (`_choose_group`), and the next spell is one try long again. A
+        server's spell, up to 64 tries long, learnt at 64 rows, would otherwise hold large-only decoding at 4,
+        where EAD wins (BENCHMARKS.md)."""
         if self.forced:  # a spell's round: measures T_large for the next verdict
             self.spell_seconds.append(seconds)
             self.recent.clear()
@@ -467,6 +476,7 @@ class BatchEngine:
         large_only = sum(n for _, _, n in self.recent) / len(self.recent) / t_large
         if written < large_only:
             self.fallback_left, self.spell_seconds = self.fallback_len, []
+            self.spell_rows = sum(n for _, _, n in self.recent) / len(self.recent)
             self.fallback_len = min(2 * self.fallback_len, 64 * self.guard_rounds)
         else:
             self.fallback_len = self.guard_rounds

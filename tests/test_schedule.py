@@ -296,6 +296,24 @@ def test_guard_verdicts_against_large_only_by_the_clock(pair):
     assert (engine.fallback_left, engine.fallback_len, engine.recent) == (0, 4, [])
 
 
+def test_a_spell_ends_when_the_batch_halves_or_doubles(pair):
+    """A try over 4 running rows loses: its spell holds while 2 to 8 rows run, and ends as soon as 1 does, with
+    the next spell one try long again; a spell learnt at 2 rows ends when 5 run."""
+    engine = scripted_costs(BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=8,
+                                        schedule="throughput", guard_rounds=4), 1.0, 2.0)
+    for _ in range(4):
+        engine._guard(1, 1.0, 4)  # 4 tokens in 4 s against 4 rows / 2 s: lost
+    assert (engine.fallback_left, engine.fallback_len) == (4, 8)
+    assert engine._choose_group({S: ["a"], L: ["b"]}) is L  # 2 rows: the spell holds
+    assert engine._choose_group({S: ["a"] * 7, L: ["b"]}) is L  # 8 rows: still
+    assert engine._choose_group({S: ["a"], L: []}) is S  # 1 row: the rule's choice
+    assert (engine.fallback_left, engine.fallback_len, engine.fallback_rounds) == (0, 4, 2)
+    for _ in range(4):
+        engine._guard(1, 2.0, 2)  # 4 tokens in 8 s against 2 rows / 2 s: lost
+    assert engine.fallback_left == 4 and engine.spell_rows == 2
+    assert engine._choose_group({S: ["a"] * 4, L: ["b"]}) is S and engine.fallback_left == 0
+
+
 def test_guard_turns_slow_ead_rounds_into_large_rounds_that_every_row_rides(pair, prompts):
     """Scripted costs that make the rule choose small rounds, and a clock (the guard's seconds) that says every
     round takes as long as a large one: the first 3 EAD rounds fail the guard, the next 3 rounds are large and
