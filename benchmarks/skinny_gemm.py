@@ -81,9 +81,10 @@ def main() -> None:
                 layers = 1 if name == "head" else SHAPES[shape][1]["num_hidden_layers"]
                 totals[m][0] += t_nk * layers
                 totals[m][1] += t_kn * layers
-                cells.append(f"{t_nk * 1e6:6.1f} ({nbytes / t_nk / 1e9:4.0f}) | {t_kn * 1e6:6.1f} ({nbytes / t_kn / 1e9:4.0f})")
+                cells.append(f"{t_nk * 1e6:6.1f} ({nbytes / t_nk / 1e9:4.0f}) | "
+                             f"{t_kn * 1e6:6.1f} ({nbytes / t_kn / 1e9:4.0f})")
             print(f"{name:<8}{f'{n} x {k}':>14}{nbytes / 1e6:7.1f}" + "".join(f"{c:>26}" for c in cells))
-            del weights, transposed
+            weights = transposed = []  # freed before the next product's copies
             torch.cuda.empty_cache()
         print(f"{'a step':<29}" + "".join(f"{f'{a * 1e3:.3f} | {b * 1e3:.3f} ms':>26}" for a, b in totals.values()))
 
