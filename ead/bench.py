@@ -257,6 +257,7 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
     steps = [s for r in results for s in r.trace.steps]
     one = {role: [s.step_ms for s in steps if s.role is role and s.fed_tokens == 1] for role in Role}
     n_large = sum(s.role is Role.LARGE for s in steps)
+    t_large, per_token = engine.large_costs()
     ride_along = engine.ride_along_tokens - before[2]  # large tokens of rows routed to the small model
     rounds = {f"rounds_{role.value}": engine.rounds[role] - before[0][role] for role in Role}
     rows = {f"rows_per_round_{role.value}": round((engine.rows_stepped[role] - before[1][role]) /
@@ -270,6 +271,9 @@ def run_engine(engine, prompts: list[list[int]], tokens: int, routers: list) -> 
             "row_ms_per_token": statistics.mean(r.stats.seconds / len(r.token_ids) * 1e3 for r in results),
             "step_ms_small": statistics.median(one[Role.SMALL]) if one[Role.SMALL] else None,
             "step_ms_large": statistics.median(one[Role.LARGE]) if one[Role.LARGE] else None,
+            # the throughput schedule's cost model after the run (BatchEngine.large_costs, step_seconds)
+            "model_large_ms": t_large * 1e3, "model_catch_up_ms_per_token": per_token * 1e3,
+            "model_small_ms": engine.step_seconds[Role.SMALL] * 1e3,
             "switches": sum(r.stats.switches for r in results),
             "catchup_tokens": sum(r.stats.catchup_tokens for r in results), **checked}
 

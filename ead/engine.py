@@ -233,6 +233,7 @@ class BatchEngine:
         self.t_read = 0.0  # when the host last read a round's summary
         # Large rounds' (catch-up tokens fed, seconds), as decayed sums of 1, x, y, x*x and x*y (`large_costs`).
         self.large_fit = [0.0] * 5
+        self.catch_up_slope: float | None = None  # the last slope the fit found (`large_costs`)
         # The throughput schedule's guard (`_guard`): the EAD rounds of the current try as (tokens, seconds,
         # running rows); the large-only rounds still to run, the length of the next such spell, how many rounds
         # spells forced; the seconds of the last spell's rounds (its first, the riders' catch-up, left out);
@@ -513,23 +514,41 @@ class BatchEngine:
 
     def _fit_large(self, catch_up_tokens: int, seconds: float) -> None:
         """Add a large round to the fit of `large_costs` (the first one, which may hold a graph capture or a
-        prefill, is left out, as in `_measure`)."""
+        prefill, is left out, as in `_measure`). A round with catch-up also keeps the slope, if the fit has one;
+        rounds without drag it toward whatever their own cost says, not what catch-up costs."""
         if self.rounds[Role.LARGE] > 1:
             x, y = float(catch_up_tokens), seconds
             self.large_fit = [0.95 * s + v for s, v in zip(self.large_fit, (1.0, x, y, x * x, x * y))]
+            line = self._fitted_line() if catch_up_tokens else None
+            if line is not None:
+                self.catch_up_slope = line[1]
+
+    def _fitted_line(self) -> tuple[float, float] | None:
+        """(intercept, slope) of the decayed least-squares line through the large rounds, the slope within
+        [0, step / 16], the intercept at least step / 4; None while the catch-ups' standard deviation is below one
+        token (or fewer than 4 rounds are in)."""
+        n, sx, sy, sxx, sxy = self.large_fit
+        step = self.step_seconds[Role.LARGE]
+        spread = n * sxx - sx * sx
+        if n < 4 or spread <= 1.0 * n * n:
+            return None
+        slope = min(max((n * sxy - sx * sy) / spread, 0.0), step / 16)
+        return max((sy - slope * sx) / n, step / 4), slope
 
     def large_costs(self) -> tuple[float, float]:
         """(seconds of a large round that feeds one token per row, seconds per catch-up token beyond that): a
         least-squares line through the recent large rounds (decayed). Until the rounds' catch-ups differ enough
-        to fit a slope, the measured large step and a slope of 1/256 of it (a large model's pass costs about its
-        weight read up to a few hundred tokens); the slope is kept within [0, step / 16]."""
-        n, sx, sy, sxx, sxy = self.large_fit
+        to fit a slope, the measured large step and the last slope fitted, or before any 1/256 of the step (a large
+        model's pass costs about its weight read up to a few hundred tokens). The last slope is kept because a
+        run of rounds without catch-up (a large-only spell, a workload the large model writes) decays the fit's
+        spread away and says nothing about catch-up: on an H100 at batch 64, forgetting it after the 128 rounds
+        of a large-only run sent the next EAD run back to small rounds that the fit had found slower (BENCHMARKS.md,
+        session 7)."""
+        line = self._fitted_line()
+        if line is not None:
+            return line
         step = self.step_seconds[Role.LARGE]
-        spread = n * sxx - sx * sx
-        if n < 4 or spread <= 1.0 * n * n:  # the catch-ups' standard deviation is below one token
-            return step, step / 256
-        slope = min(max((n * sxy - sx * sy) / spread, 0.0), step / 16)
-        return max((sy - slope * sx) / n, step / 4), slope
+        return step, step / 256 if self.catch_up_slope is None else self.catch_up_slope
 
     def run_ahead_cap(self) -> int:
         """Most small steps per large step on two GPUs: as many as fit in a large step (measured step times), and

@@ -127,6 +127,19 @@ def test_large_costs_fit_the_line_of_the_large_rounds_times_against_their_catch_
     assert engine.large_costs()[1] == pytest.approx(engine.step_seconds[L] / 16)
 
 
+def test_large_costs_keep_the_last_slope_through_rounds_without_catch_up(pair):
+    """200 rounds without catch-up decay the fit's spread away: the step comes back, the slope fitted before
+    stays (not 1/256 of the step)."""
+    engine = BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=4, schedule="throughput")
+    engine.step_seconds[L] = 0.012
+    engine.rounds[L] = 2
+    for x in [0, 3, 1, 7, 2, 0, 5, 4] * 3:
+        engine._fit_large(x, 0.010 + 0.0002 * x)
+    for _ in range(200):
+        engine._fit_large(0, 0.011)
+    assert engine.large_costs() == (0.012, pytest.approx(0.0002, rel=1e-6))
+
+
 @pytest.mark.parametrize("max_wait_steps", [0.0, 1e9])
 def test_large_rows_wait_no_longer_than_the_bound(pair, prompts, max_wait_steps):
     """Small steps so cheap that the rule always prefers them while a row is in small mode (no phases of large
