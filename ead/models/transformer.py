@@ -162,22 +162,33 @@ def step_inputs(positions: Tensor, valid_lengths: Tensor, inv_freq: Tensor, tras
     return slots, mask, angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, expand: bool) -> Tensor:
-    """SDPA of (B, H, T, D) queries over (B, H_kv, L, D) keys and values under an additive (B, 1, T, L) mask.
+def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, folded: bool) -> Tensor:
+    """SDPA of (B, H, T, D) queries over (B, H_kv, L, D) keys and values: (B, H, T, D).
 
-    `expand` (on CUDA): the key/value heads are repeated to H and the memory-efficient kernel runs, not cuDNN's.
-    With a mask and grouped heads SDPA picks cuDNN, which builds an execution plan for every new (rows, tokens,
-    keys) shape: on an H100, a 13-row, 67-token eager catch-up of the 1.5B shape took 139 ms the first time and
-    34 ms the next, 10.6 ms of it on the GPU, most of the rest in cuDNN's host code (23.5 ms expanded). Eager
-    catch-ups bring a new shape almost every time; the memory-efficient kernel needs no plan, but takes no grouped
-    heads. Captured graphs take the same path: a plan built during a capture breaks it, and the warm-up before a
-    capture must run what the capture records."""
-    if not expand:
+    `folded` False: `mask` is the additive (B, 1, T, L) mask and SDPA takes the grouped heads as they are.
+    `folded` (on CUDA): `mask` is `fold_mask`'s (B, 1, G * T, L), and the G query heads of each key/value head
+    attend as G * T queries of that one head, under the memory-efficient kernel. With a mask and grouped heads
+    SDPA picks cuDNN, which builds an execution plan for every new (rows, tokens, keys) shape: on an H100, a
+    13-row, 67-token eager catch-up of the 1.5B shape took 139 ms the first time and 34 ms the next, 10.6 ms of it
+    on the GPU, most of the rest in cuDNN's host code. Eager catch-ups bring a new shape almost every time; the
+    memory-efficient kernel needs no plan, but takes no grouped heads. Repeating the keys and values to every
+    query head (session 6) copied G times the attended cache in every layer: 1.57 ms a layer for 48 rows x 200
+    tokens over 512 keys of the 14B shape, against cuDNN's 0.43 (BENCHMARKS.md). Folding copies only the
+    queries, and the mask once per forward pass. Captured graphs take the same path: a plan built during a
+    capture breaks it, and the warm-up before a capture must run what the capture records."""
+    if not folded:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    groups = q.shape[1] // keys.shape[1]
+    B, H, T, D = q.shape
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1),
-                                              attn_mask=mask)
+        y = F.scaled_dot_product_attention(q.reshape(B, keys.shape[1], -1, D), keys, values, attn_mask=mask)
+    return y.view(B, H, T, D)  # row g * T + t of key/value head j was query head j * G + g, token t
+
+
+def fold_mask(mask: Tensor, groups: int) -> Tensor:
+    """The (B, 1, T, L) additive mask for `attend(folded=True)` with `groups` query heads per key/value head:
+    (B, 1, groups * T, L), row g * T + t being row t."""
+    B, _, T, L = mask.shape
+    return mask[:, :, None].expand(B, 1, groups, T, L).reshape(B, 1, groups * T, L)
 
 
 class Kernels:
@@ -232,7 +243,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
                 rows: Tensor, slots: Tensor, kernels: Kernels = EAGER, compact: bool = False) -> Tensor:
-        """x: (B, T, dim); mask: (B, 1, T, L) additive (0 or -inf), L <= S+1 the slots attended; k_cache, v_cache:
+        """x: (B, T, dim); mask: (B, 1, T, L) additive (0 or -inf), L <= S+1 the slots attended (on CUDA folded,
+        (B, 1, G * T, L): see `attend`); k_cache, v_cache:
         (max_batch, Hkv, S+1, D), written in place at (rows, slots), both (B, T)-broadcastable; batch row b
         is cache row rows[b] (`compact`: gathered for attention) or else cache row b. Returns (B, T, dim).
         Decode (T == 1) with `kernels.decode_attention` reads no mask: row b attends slots 0..slots[b] (slot 0
@@ -256,7 +268,7 @@ class Attention(nn.Module):
             keys, values = k_cache[:, :, :L].index_select(0, rows[:, 0]), v_cache[:, :, :L].index_select(0, rows[:, 0])
         else:  # rows 0..B-1: views, no copy
             keys, values = k_cache[:B, :, :L], v_cache[:B, :, :L]
-        y = attend(q.transpose(1, 2), keys, values, mask, expand=keys.is_cuda)  # (B, H, T, D)
+        y = attend(q.transpose(1, 2), keys, values, mask, folded=keys.is_cuda)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -354,6 +366,8 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         slots, mask, cos, sin = kernels.step_inputs(positions, valid_lengths, self.inv_freq, cache.trash_slot,
                                                     kv_len or cache.trash_slot + 1, x.dtype)
+        if x.is_cuda and not (T == 1 and kernels.decode_attention is not None):  # attention through `attend`
+            mask = fold_mask(mask, self.args.n_heads // self.args.n_kv_heads)
         compact = rows is not None
         batch_rows = torch.arange(B, device=tokens.device)
         cache_rows = (rows if compact else batch_rows)[:, None]  # (B, 1), broadcast against slots

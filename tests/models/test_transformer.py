@@ -161,12 +161,12 @@ def test_attention_mask_by_hand():
     assert torch.equal(attention_mask(positions, is_real, n_slots=4)[:, 0], expected[..., :4])
 
 
-@pytest.mark.parametrize("expand", [False, True])
-def test_attention_with_grouped_heads_by_hand(expand):
-    """`attend` (SDPA with grouped heads, or with the heads expanded as eager CUDA passes run it) against softmax
+@pytest.mark.parametrize("folded", [False, True])
+def test_attention_with_grouped_heads_by_hand(folded):
+    """`attend` (SDPA with grouped heads, or with the query heads folded as CUDA passes run it) against softmax
     attention written out: 6 query heads over 2 key/value heads, each query head reading its group's head, under an
     additive mask that hides a different set of keys per row and token."""
-    from ead.models.transformer import attend
+    from ead.models.transformer import attend, fold_mask
 
     gen = torch.Generator().manual_seed(3)
     B, H, H_kv, T, L, D = 2, 6, 2, 3, 5, 4
@@ -180,7 +180,7 @@ def test_attention_with_grouped_heads_by_hand(expand):
             g = h // (H // H_kv)
             weights = torch.softmax(q[b, h] @ k[b, g].T / math.sqrt(D) + mask[b, 0], dim=-1)  # (T, L)
             ref[b, h] = weights @ v[b, g]
-    assert torch.allclose(attend(q, k, v, mask, expand), ref, atol=1e-5)
+    assert torch.allclose(attend(q, k, v, fold_mask(mask, H // H_kv) if folded else mask, folded), ref, atol=1e-5)
 
 
 def test_from_hf_config_reads_rope_heads_and_ties():
