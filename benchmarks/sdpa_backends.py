@@ -53,7 +53,7 @@ def main() -> None:
                 with sdpa_kernel([backend]):
                     if expand == "fold":  # the mask folded once per forward pass, outside the timed layer
                         return F.scaled_dot_product_attention(q.reshape(rows, kv_heads, -1, 128), k, v,
-                                                              attn_mask=folded).view(q.shape)
+                                                              attn_mask=folded).reshape(q.shape)
                     if expand:
                         return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1),
                                                               v.repeat_interleave(groups, 1), attn_mask=mask)

@@ -181,7 +181,7 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, folded: bool) 
     B, H, T, D = q.shape
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         y = F.scaled_dot_product_attention(q.reshape(B, keys.shape[1], -1, D), keys, values, attn_mask=mask)
-    return y.view(B, H, T, D)  # row g * T + t of key/value head j was query head j * G + g, token t
+    return y.reshape(B, H, T, D)  # row g * T + t of key/value head j was query head j * G + g, token t
 
 
 def fold_mask(mask: Tensor, groups: int) -> Tensor:
