@@ -158,7 +158,8 @@ def add_schedule_arg(p: argparse.ArgumentParser, note: str) -> None:
                         "round also writes the next token of the rows routed to the small model, at no extra cost, "
                         "with phases of such rounds and a guard that falls back to them when EAD rounds lose by the "
                         "clock (more large-model tokens than routed, and text that depends on the batch): on an H100, "
-                        "faster than large-only at batch 4-16, 5-12%% slower at 64 (BENCHMARKS.md); mode ead only. "
+                        "faster than large-only at batch 4-16, large-only decoding at 64 (BENCHMARKS.md); mode ead "
+                        "only. "
                         f"Here {note}")
 
 

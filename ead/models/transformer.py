@@ -172,9 +172,9 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, folded: bool) 
     13-row, 67-token eager catch-up of the 1.5B shape took 139 ms the first time and 34 ms the next, 10.6 ms of it
     on the GPU, most of the rest in cuDNN's host code. Eager catch-ups bring a new shape almost every time; the
     memory-efficient kernel needs no plan, but takes no grouped heads. Repeating the keys and values to every
-    query head (session 6) copied G times the attended cache in every layer: 1.57 ms a layer for 48 rows x 200
-    tokens over 512 keys of the 14B shape, against cuDNN's 0.43 (BENCHMARKS.md). Folding copies only the
-    queries, and the mask once per forward pass. Captured graphs take the same path: a plan built during a
+    query head (session 6) copied G times the attended cache in every layer: 1.56 ms a layer for 48 rows x 200
+    tokens over 512 keys of the 14B shape, 0.98 ms folded, 0.42 ms cuDNN's (BENCHMARKS.md). Folding copies only
+    the queries, and the mask once per forward pass. Captured graphs take the same path: a plan built during a
     capture breaks it, and the warm-up before a capture must run what the capture records."""
     if not folded:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
