@@ -22,7 +22,10 @@ its padded tokens x the measured cost of one); a 128-token prompt per row, read 
 0.3 ms of host work a round. `--split` also splits eager catch-ups by length as the runner does since 838b01c.
 Step costs: that session's H100 runs at 128 new tokens a row, as `ead bench` ran them.
 
-    python benchmarks/schedule_sim.py [--roofline | --passes [--split]]
+`--packed` costs every catch-up as one pass of the rows' tokens end to end, without padding (a packed, varlen
+catch-up, which the runner does not have): what such a kernel would buy.
+
+    python benchmarks/schedule_sim.py [--roofline | --passes [--split | --packed]]
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ def split(widths: list[int]) -> list[list[int]]:
     return NativeBatchRunner._split(SimpleNamespace(MERGE_TOKENS=MERGE_TOKENS), widths)
 
 
-def passes_cost(g: Role, widths: list[int], step: float, by_length: bool) -> float:
-    """Milliseconds of the passes the runner runs for rows bringing `widths` tokens each (see the docstring)."""
+def passes_cost(g: Role, widths: list[int], step: float, by_length: bool, packed: bool = False) -> float:
+    """Milliseconds of the passes the runner runs for rows bringing `widths` tokens each (see the docstring).
+    `packed`: a catch-up as one pass of every row's tokens end to end, no padding, the one-token rows in it too
+    (not in the runner: what such a kernel would buy), costed max(step + pass overhead, cost of a token x tokens)."""
     def pass_ms(rows: int, width: int, graphed: bool) -> float:
         padded = pow2(rows) * max(2, pow2(width)) if graphed else rows * width
         return max(step + PASS_OVERHEAD_MS[g], PADDED_MS[g] * padded)
@@ -65,6 +70,8 @@ def passes_cost(g: Role, widths: list[int], step: float, by_length: bool) -> flo
     many, one = [w for w in widths if w > 1], [w for w in widths if w == 1]
     if not many:
         return step
+    if packed:
+        return max(step + PASS_OVERHEAD_MS[g], PADDED_MS[g] * sum(widths))
     width = max(many)
     if one and (pow2(len(widths)) - pow2(len(many))) * max(2, pow2(width)) <= MERGE_TOKENS:
         many, one = widths, []
@@ -79,7 +86,7 @@ def passes_cost(g: Role, widths: list[int], step: float, by_length: bool) -> flo
 
 
 def simulate(batch: int, share: float, policy, tokens: int = 256, roofline: bool = False,
-             passes: bool = False, by_length: bool = False) -> tuple[float, float]:
+             passes: bool = False, by_length: bool = False, packed: bool = False) -> tuple[float, float]:
     """(throughput relative to large-only, realised large share). The roles are scripted per token index, so a
     ride-along token moves a row's script on as any token does (ead's ScriptedRouter). With `passes`, large-only
     is costed the same way (its prompt pass, decode steps and host work)."""
@@ -96,7 +103,7 @@ def simulate(batch: int, share: float, policy, tokens: int = 256, roofline: bool
         behind = sum(pos[i] - seen[g][i] for i in rows)  # catch-up tokens, besides one new token per row
         step = t_small if g is S else t_large
         if passes:
-            cost = HOST_MS + passes_cost(g, [pos[i] - seen[g][i] + 1 for i in rows], step, by_length)
+            cost = HOST_MS + passes_cost(g, [pos[i] - seen[g][i] + 1 for i in rows], step, by_length, packed)
         elif roofline:
             cost = max(step, CATCHUP_MS_PER_TOKEN[g] * (behind + len(rows)))
         else:
@@ -193,6 +200,8 @@ if __name__ == "__main__":
     p.add_argument("--passes", action="store_true", help="each round costs the runner's passes, as measured on an "
                    "H100 in session 5; rows of a 128-token prompt and 128 new tokens")
     p.add_argument("--split", action="store_true", help="with --passes: eager catch-ups split by length")
+    p.add_argument("--packed", action="store_true", help="with --passes: catch-ups packed, not padded (no such "
+                   "kernel in the runner yet)")
     args = p.parse_args()
     print("| batch | f | " + " | ".join(POLICIES) + " |")
     print("| ---: | ---: |" + " ---: |" * len(POLICIES))
@@ -201,6 +210,7 @@ if __name__ == "__main__":
             cells = []
             for policy in POLICIES.values():
                 speed, realised = simulate(batch, share, policy, tokens=128 if args.passes else 256,
-                                           roofline=args.roofline, passes=args.passes, by_length=args.split)
+                                           roofline=args.roofline, passes=args.passes, by_length=args.split,
+                                           packed=args.packed)
                 cells.append(f"{speed:.2f}x" + (f" (f {realised:.2f})" if getattr(policy, "ride_along", False) else ""))
             print(f"| {batch} | {share} | " + " | ".join(cells) + " |")
