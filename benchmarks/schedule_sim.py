@@ -202,14 +202,20 @@ if __name__ == "__main__":
     p.add_argument("--split", action="store_true", help="with --passes: eager catch-ups split by length")
     p.add_argument("--packed", action="store_true", help="with --passes: catch-ups packed, not padded (no such "
                    "kernel in the runner yet)")
+    p.add_argument("--step-ms", metavar="B:SMALL/LARGE,...", help="with --passes: step costs per batch size in ms "
+                   "instead of session 5's, e.g. session 7's graph replays 16:2.34/12.1,64:2.75/13.0")
+    p.add_argument("--tokens", type=int, help="new tokens a row (default 128 with --passes, else 256)")
     args = p.parse_args()
+    if args.step_ms:
+        PASS_STEP_MS = {int(b): tuple(float(x) for x in ms.split("/"))
+                        for b, ms in (item.split(":") for item in args.step_ms.split(","))}
     print("| batch | f | " + " | ".join(POLICIES) + " |")
     print("| ---: | ---: |" + " ---: |" * len(POLICIES))
     for batch in (PASS_STEP_MS if args.passes else STEP_MS):
         for share in (0.1, 0.25, 0.43):
             cells = []
             for policy in POLICIES.values():
-                speed, realised = simulate(batch, share, policy, tokens=128 if args.passes else 256,
+                speed, realised = simulate(batch, share, policy, tokens=args.tokens or (128 if args.passes else 256),
                                            roofline=args.roofline, passes=args.passes, by_length=args.split,
                                            packed=args.packed)
                 cells.append(f"{speed:.2f}x" + (f" (f {realised:.2f})" if getattr(policy, "ride_along", False) else ""))
