@@ -428,10 +428,7 @@ class BatchEngine:
         guard = self.schedule == "throughput" and self.guard_rounds and len(roles) == 1
         events, large_prefill = [], False
         for role, (feeds, _) in launched.items():
-            # A round in which the model reads prompt tokens holds a prefill: it is no measure of a decode round
-            # (step_seconds) nor of catch-up (the fit of large_costs). Left in, the prompts of rows joining a
-            # running batch made the small step look 20 ms at batch 64 on an H100 (3 ms measured apart).
-            prefill = any(len(fed) > len(seq.ids) - len(seq.prompt_ids) for seq, fed in zip(rows[role], feeds))
+            prefill = _reads_prompt(rows[role], feeds)
             large_prefill |= role is Role.LARGE and prefill
             step_ms = self._account(role, waiting, rows[role], t0, measure=not prefill)
             if role is Role.LARGE and len(roles) == 1 and not prefill:
@@ -499,7 +496,7 @@ class BatchEngine:
             t1 = time.perf_counter()
             small_feeds, small_summary = self._launch(small, self.runners[Role.SMALL])
             values = small_summary.tolist()  # a host sync on the small model's device only
-            step_ms = self._account(Role.SMALL, nobody, small, t1)
+            step_ms = self._account(Role.SMALL, nobody, small, t1, measure=not _reads_prompt(small, small_feeds))
             events += [(seq, self._advance(seq, Role.SMALL, fed, row, step_ms))
                        for seq, fed, row in zip(small, small_feeds, values)]
             small = [seq for seq in small if seq.finish_reason is None and seq.router.active is Role.SMALL]
@@ -509,7 +506,8 @@ class BatchEngine:
             if not small:
                 break
         values = summary.tolist()  # waits for the large step if it still runs
-        step_ms = self._account(Role.LARGE, nobody, groups[Role.LARGE], t0, t_done)
+        step_ms = self._account(Role.LARGE, nobody, groups[Role.LARGE], t0, t_done,
+                                measure=not _reads_prompt(groups[Role.LARGE], feeds))
         events += [(seq, self._advance(seq, Role.LARGE, fed, row, step_ms))
                    for seq, fed, row in zip(groups[Role.LARGE], feeds, values)]
         return events
@@ -862,6 +860,14 @@ def _keeps_model(router: RoutingPolicy) -> bool:
     if type(router) is ScriptedRouter:
         return router.n >= len(router.roles) - 1 or router.tokens_since_switch + 1 < router.min_dwell_tokens
     return False
+
+
+def _reads_prompt(rows: list[Sequence], feeds: list[list[int]]) -> bool:
+    """Whether a pass that feeds each row its `feeds` reads prompt tokens: a prefill, which is no measure of a
+    decode round (`BatchEngine.step_seconds`) nor of catch-up (the fit of `large_costs`). Counted, the prompts of
+    rows joining a running batch made the small step look 20 ms at batch 64 on an H100 (2.7 ms apart). Call it
+    before the pass's tokens are appended."""
+    return any(len(fed) > len(seq.ids) - len(seq.prompt_ids) for seq, fed in zip(rows, feeds))
 
 
 def _few(may: int) -> int:
