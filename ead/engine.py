@@ -538,7 +538,7 @@ class BatchEngine:
     def large_costs(self) -> tuple[float, float]:
         """(seconds of a large round that feeds one token per row, seconds per catch-up token beyond that): a
         least-squares line through the recent large rounds (decayed). Until the rounds' catch-ups differ enough
-        to fit a slope, the measured large step and the last slope fitted, or before any 1/256 of the step (a large
+        to fit a slope, the measured large step and the last slope fitted (before any, 1/256 of the step: a large
         model's pass costs about its weight read up to a few hundred tokens). The last slope is kept because a
         run of rounds without catch-up (a large-only spell, a workload the large model writes) decays the fit's
         spread away and says nothing about catch-up: on an H100 at batch 64, forgetting it after the 128 rounds

@@ -56,8 +56,8 @@ class DecodeGraph:
         def forward(capture: bool = False) -> Tensor:
             logits = model(self.tokens, self.positions, cache, self.valid, last_only=out is None, kv_len=kv_len,
                            rows=self.rows)
-            if out is not None:  # (B, W, V): every position, cast into the caller's buffer (whose contents
-                return out.copy_(logits[..., : out.shape[-1]]) if capture else logits  # a warm-up leaves alone)
+            if out is not None:  # (B, W, V): every position, cast into the caller's buffer, by the capture only
+                return out.copy_(logits[..., : out.shape[-1]]) if capture else logits
             if vocab_size is None:
                 return logits.float()
             return model.kernels.with_summary(logits, vocab_size)  # (B, vocab + 5): token_summary's columns last
