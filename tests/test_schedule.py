@@ -140,6 +140,31 @@ def test_large_costs_keep_the_last_slope_through_rounds_without_catch_up(pair):
     assert engine.large_costs() == (0.012, pytest.approx(0.0002, rel=1e-6))
 
 
+def test_rounds_that_read_prompts_measure_no_step_and_fit_no_catch_up(pair, prompts):
+    """The clock says 50 ms for a round that reads a prompt and 2 / 10 ms for a small / large decode round: the
+    step times and the fit hold the decode rounds' alone (a third row joins mid-run, as on a server), though
+    every round, prefill or not, is booked."""
+    engine = BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=3, max_wait_steps=1)
+    real = engine._account
+
+    def clocked(role, groups, rows, t0, t_end=None, measure=True):
+        t_end = t0 + (0.050 if not measure else 0.002 if role is S else 0.010)
+        return real(role, groups, rows, t0, t_end, measure)
+
+    engine._account = clocked
+    scripts = [[S] * 3 + [L] * 30, [S] * 30, [L] * 40]
+    for prompt, script in zip(prompts[:2], scripts):
+        engine.add(prompt, PARAMS, ScriptedRouter(script))
+    for _ in range(12):
+        engine.step()
+    engine.add(prompts[2], PARAMS, ScriptedRouter(scripts[2]))
+    for _ in range(12):
+        engine.step()
+    assert engine.rounds[S] > 1 and engine.rounds[L] > 2
+    assert engine.step_seconds == {S: pytest.approx(0.002), L: pytest.approx(0.010)}
+    assert engine.large_costs() == (pytest.approx(0.010), pytest.approx(0.010 / 256))
+
+
 @pytest.mark.parametrize("max_wait_steps", [0.0, 1e9])
 def test_large_rows_wait_no_longer_than_the_bound(pair, prompts, max_wait_steps):
     """Small steps so cheap that the rule always prefers them while a row is in small mode (no phases of large
@@ -283,30 +308,6 @@ def test_run_ahead_rows_write_what_they_write_alone(pair, prompts, cfg, backend)
 
 
 # --- the throughput schedule's guard ---
-
-def test_rounds_that_read_prompts_measure_no_step_and_fit_no_catch_up(pair, prompts):
-    """The clock says 50 ms for a round that reads a prompt and 2 / 10 ms for a small / large decode round: the
-    step times and the fit hold the decode rounds' alone (a third row joins mid-run, as on a server), though
-    every round, prefill or not, is booked."""
-    engine = BatchEngine(pair, RouterConfig(), EngineConfig(backend="hf"), max_batch=3, max_wait_steps=1)
-    real = engine._account
-
-    def clocked(role, groups, rows, t0, t_end=None, measure=True):
-        t_end = t0 + (0.050 if not measure else 0.002 if role is S else 0.010)
-        return real(role, groups, rows, t0, t_end, measure)
-
-    engine._account = clocked
-    scripts = [[S] * 3 + [L] * 30, [S] * 30, [L] * 40]
-    seqs = [engine.add(p, PARAMS, ScriptedRouter(r)) for p, r in zip(prompts[:2], scripts)]
-    for _ in range(12):
-        engine.step()
-    seqs.append(engine.add(prompts[2], PARAMS, ScriptedRouter(scripts[2])))
-    for _ in range(12):
-        engine.step()
-    assert engine.rounds[S] > 1 and engine.rounds[L] > 2
-    assert engine.step_seconds == {S: pytest.approx(0.002), L: pytest.approx(0.010)}
-    assert engine.large_costs() == (pytest.approx(0.010), pytest.approx(0.010 / 256))
-
 
 def test_guard_verdicts_against_large_only_by_the_clock(pair):
     """Tries of 4 EAD rounds judged by hand against large-only decoding: 4 running rows at T_large = 2 s (the fit,
