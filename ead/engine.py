@@ -473,10 +473,9 @@ class BatchEngine:
         spell = self.spell_seconds[1:]
         t_large = sum(spell) / len(spell) if spell else self.large_costs()[0]
         written = sum(t for t, _, _ in self.recent) / sum(s for _, s, _ in self.recent)
-        large_only = sum(n for _, _, n in self.recent) / len(self.recent) / t_large
-        if written < large_only:
-            self.fallback_left, self.spell_seconds = self.fallback_len, []
-            self.spell_rows = sum(n for _, _, n in self.recent) / len(self.recent)
+        rows = sum(n for _, _, n in self.recent) / len(self.recent)  # running, on average over the try
+        if written < rows / t_large:  # large-only decoding: one token a row per T_large
+            self.fallback_left, self.spell_seconds, self.spell_rows = self.fallback_len, [], rows
             self.fallback_len = min(2 * self.fallback_len, 64 * self.guard_rounds)
         else:
             self.fallback_len = self.guard_rounds
