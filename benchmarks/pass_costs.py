@@ -30,6 +30,24 @@ def replay_ms(graph, replays: int) -> float:
     return (time.perf_counter() - t0) / replays * 1e3
 
 
+def catch_up_ms(runner: NativeBatchRunner, n: int, width: int, eager: bool = False, times: int = 5) -> float:
+    """Median milliseconds of `runner.feed_many` for n rows bringing `width` tokens each (one token more each
+    time, so an eager pass meets a new shape as it does in a run), eagerly or as `_plan` chooses."""
+    chunk_passes, out = runner.MAX_CHUNK_PASSES, []
+    runner.MAX_CHUNK_PASSES = 0 if eager else chunk_passes
+    base = list(runner.seen[:n])
+    for k in range(times):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner.feed_many(list(range(n)), [[7] * (width + k)] * n)
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+        for slot, seen in enumerate(base):
+            runner.truncate(slot, seen)
+    runner.MAX_CHUNK_PASSES = chunk_passes
+    return sorted(out)[times // 2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="qwen2.5-1.5b,qwen2.5-14b")
@@ -37,6 +55,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--widths", default="2,4,8,16,32,64")
     p.add_argument("--replays", type=int, default=30)
+    p.add_argument("--catch-ups", default="1x300,2x300,5x138,9x143,9x161,16x128",
+                   help="catch-ups too wide for one graph, rows x tokens: each timed eager and as `_plan` chunks it")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device("cuda")
@@ -75,6 +95,12 @@ def main() -> None:
                 runner.cache.lengths[:] = args.prompt_tokens
             print(f"{n:>5}" + "".join(cells))
             n *= 2
+        print(f"{'catch-up':>10}{'eager ms':>10}{'planned ms':>12}   plan (rows x width a pass)")
+        for spec in args.catch_ups.split(","):
+            n, w = map(int, spec.split("x"))
+            print(f"{spec:>10}{catch_up_ms(runner, n, w, eager=True):>10.2f}{catch_up_ms(runner, n, w):>12.2f}   "
+                  + " + ".join(f"{len(c)} x {max(b - a for _, a, b in c)}" for plan in runner._plan([w] * n)
+                               for c in plan))
         del runner, model
         torch.cuda.empty_cache()
 

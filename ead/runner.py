@@ -144,6 +144,11 @@ class NativeBatchRunner:
     # this many padded tokens to it (none when they fit its row bucket): a pass of a large model costs about its
     # weight read up to a few hundred tokens, whatever its width.
     MERGE_TOKENS = 256
+    # A catch-up too wide for one graph runs eagerly, or in chunks through graphs of at most MAX_CHUNK_PASSES
+    # passes where those pad fewer tokens than the eager pass costs, counted as EAGER_TOKENS more than its own
+    # (`_plan`): the host's launches, which a graph replay does not pay.
+    MAX_CHUNK_PASSES = 4
+    EAGER_TOKENS = 1024
     # Speculative verification (every position's logits) replays a graph for one token and a draft of up to 15
     # per row, at most MAX_VERIFY_TOKENS padded tokens: the float32 buffer the verification graphs share holds
     # that many rows of logits (311 MB for Qwen2.5's vocabulary). Wider passes (a prompt, a hybrid catch-up)
@@ -167,6 +172,7 @@ class NativeBatchRunner:
         self.verify_graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (rows, width, span), all logits
         self.verify_out: Tensor | None = None  # their shared output, allocated with the first of them
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.chunk_eager = False  # tests: plan chunked catch-ups without graphs (each chunk then runs eagerly)
 
     @classmethod
     def from_hf(cls, hf_model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
@@ -254,14 +260,23 @@ class NativeBatchRunner:
             width = _catch_up_bucket(len(ids), max(map(len, ids)))[1]
             if (_pow2(len(ids)) - _pow2(len(many))) * width <= self.MERGE_TOKENS:
                 many, one = list(range(len(ids))), []  # one pass for all
-        groups = [many] if many else []
-        if many and not self.graphed(len(many), max(len(ids[i]) for i in many)):  # eager: split it by length
-            groups = [[many[k] for k in group] for group in self._split([len(ids[i]) for i in many])]
-        parts = [self._catch_up([slots[i] for i in g], [ids[i] for i in g], span) for g in groups]
+        plans = [[[(i, 0, len(ids[i])) for i in many]]] if many else []  # one pass of whole rows
+        if many and not self.graphed(len(many), max(len(ids[i]) for i in many)):  # too wide for one graph
+            lengths = [len(ids[i]) for i in many]
+            plans = [[[(many[k], start, stop) for k, start, stop in chunks] for chunks in plan]
+                     for plan in self._plan(lengths)]
+        parts: list[tuple[list[int], Tensor]] = []  # (input index of each row, its logits)
+        for plan in plans:
+            for chunks in plan:
+                out = self._catch_up([slots[i] for i, _, _ in chunks], [ids[i][a:b] for i, a, b in chunks], span)
+                # A row's last chunk gives its logits; rows run longest first, so those whose text ends here are
+                # the pass's last ones.
+                ends = [i for i, _, b in chunks if b == len(ids[i])]
+                parts.append((ends, out[len(chunks) - len(ends):]))
         if one:
-            parts.append(self._decode([slots[i] for i in one], [ids[i][0] for i in one], span))
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
-        flat = [i for g in groups for i in g] + one  # input index of each row of `logits`
+            parts.append((one, self._decode([slots[i] for i in one], [ids[i][0] for i in one], span)))
+        logits = parts[0][1] if len(parts) == 1 else torch.cat([part for _, part in parts])
+        flat = [i for rows, _ in parts for i in rows]  # input index of each row of `logits`
         if flat != list(range(len(slots))):  # back to the order of `slots`
             where = {i: p for p, i in enumerate(flat)}
             order = [where[i] for i in range(len(slots))]
@@ -274,6 +289,62 @@ class NativeBatchRunner:
         if not, it runs eagerly, padded to its longest row."""
         buckets = self._verify_buckets() if all_logits else self._catch_up_buckets()
         return self.use_graphs and _catch_up_bucket(n, width) in buckets
+
+    def _plan(self, lengths: list[int]) -> list[list[list[tuple[int, int, int]]]]:
+        """The passes of a catch-up too wide for one graph (rows bringing `lengths` tokens): groups of rows by
+        length (`_split`), each run eagerly as one pass, or, where that costs less, in chunks through graphs; or
+        all rows in chunks, if that costs less still. A group's plan is a list of passes, each pass a list of (row
+        index, first token, end) longest row first; an eager group's one pass takes every row whole.
+
+        Chunked, a group of n rows feeds its first W tokens a row, then the next W, and so on (the most a graph
+        of pow2(n) rows takes, at most MAX_CHUNK_PASSES passes), each pass a graph replay (`_chunked`, `_chunks`).
+        Costs, in padded tokens: max(MERGE_TOKENS, tokens) a pass, and EAGER_TOKENS more for an eager pass, whose
+        launches the host issues one by one. On an H100 host the 1.5B shape's eager catch-up
+        of one row of 284-334 tokens took 33-66 ms where its graphs of 256 and 64 tokens take 4.5 and 3.2
+        (BENCHMARKS.md, session 8): such catch-ups come from rows that rode a long phase of large rounds."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        plans, cost = [], 0
+        for group in self._split(lengths):
+            eager = max(self.MERGE_TOKENS, len(group) * lengths[group[0]]) + self.EAGER_TOKENS
+            chunked, padded = self._chunked(group, lengths)
+            plans.append(chunked if padded < eager else [[(i, 0, lengths[i]) for i in group]])
+            cost += min(padded, eager)
+        # `_split` groups rows for eager passes; graphs may prefer them together (two rows of 300 tokens: two
+        # passes of 2 x 256 and 2 x 64, not four of one row).
+        together, padded = self._chunked(order, lengths)
+        return [together] if padded < cost else plans
+
+    def _chunked(self, group: list[int], lengths: list[int]) -> tuple[list[list[tuple[int, int, int]]], float]:
+        """The cheapest way to feed `group` (longest first) in chunks through graphs, and its cost in padded
+        tokens (inf if none: without graphs, or past MAX_CHUNK_PASSES passes): the group whole, or cut into
+        pieces of power-of-two row counts (9 rows: 8 and 1), the longest rows in the largest."""
+        options = [[group]]
+        if len(group) != _pow2(len(group)):
+            sizes = [1 << bit for bit in reversed(range(len(group).bit_length())) if len(group) >> bit & 1]
+            starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            options.append([group[a:a + n] for a, n in zip(starts, sizes)])
+        best, cost = [], math.inf
+        for option in options if self.use_graphs or self.chunk_eager else []:
+            pieces = [self._chunks(rows, lengths) for rows in option]
+            if any(p is None for p in pieces):
+                continue
+            passes = [chunks for piece in pieces for chunks in piece]
+            padded = sum(max(self.MERGE_TOKENS, _pow2(len(c)) * max(2, _pow2(max(b - a for _, a, b in c))))
+                         for c in passes)
+            if padded < cost:
+                best, cost = passes, padded
+        return best, cost
+
+    def _chunks(self, rows: list[int], lengths: list[int]) -> list[list[tuple[int, int, int]]] | None:
+        """`rows` (longest first) fed in chunks of W tokens, W the widest a graph of pow2(len(rows)) rows takes:
+        pass k feeds tokens kW..(k+1)W of every row that has them. None if that takes more than MAX_CHUNK_PASSES
+        passes (a long prompt: its compute outweighs the launches an eager pass costs)."""
+        width = min(self.MAX_GRAPH_WIDTH, self.MAX_GRAPH_TOKENS // _pow2(len(rows)))
+        n_passes = -(-lengths[rows[0]] // width) if width >= 2 else self.MAX_CHUNK_PASSES + 1
+        if n_passes > self.MAX_CHUNK_PASSES:
+            return None
+        return [[(i, k * width, min(lengths[i], (k + 1) * width)) for i in rows if lengths[i] > k * width]
+                for k in range(n_passes)]
 
     def _split(self, lengths: list[int]) -> list[list[int]]:
         """Indices of `lengths` (the tokens each row of an eager catch-up brings) grouped into passes, longest

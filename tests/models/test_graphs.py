@@ -141,6 +141,31 @@ def test_batched_graphs_with_fused_kernels_equal_eager_unfused_rows(arch):
     assert fast.seen == slow.seen and len(fast.graphs) >= 2  # spans 256 and 512 were both used
 
 
+
+def test_a_catch_up_too_wide_for_one_graph_replays_graphs_in_chunks_and_equals_eager():
+    """Rows bringing 300, 290 and 10 tokens (a row that rode a long phase of large rounds, with its prompt): too
+    wide for one graph (256 a row at most). The rows of 300 and 290 run as two graph replays of 2 rows (256
+    tokens, then the rest in a bucket of 64), the row of 10 as one more (`_plan` by hand: 512 + 256 + 256 padded
+    tokens, against 300 + 290 + 256 + 3 x 1024 eagerly); logits equal the eager runner's."""
+    from ead.runner import NativeBatchRunner
+
+    hf = build_model("qwen2", vocab_size=512, hidden=128, layers=3, seed=2).to("cuda", torch.float32)
+    hf.config.max_position_embeddings = 1024
+    fast = NativeBatchRunner.from_hf(hf, 512, max_seq_tokens=600, cuda_graphs=True, max_batch=4, fused_kernels=True)
+    slow = NativeBatchRunner.from_hf(hf, 512, max_seq_tokens=600, cuda_graphs=False, max_batch=4)
+    gen = torch.Generator().manual_seed(6)
+    for lengths in ([3, 5, 2], [300, 290, 10], [1, 1, 1]):
+        ids = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
+        before = set(fast.graphs)
+        a, b = fast.feed_many([0, 1, 2], ids), slow.feed_many([0, 1, 2], ids)
+        diff = (a - b).abs().max().item()
+        assert diff <= 1e-3 * b.abs().max().item(), f"{lengths}: max abs logit diff {diff:.3e}"
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        if lengths[0] == 300:
+            span = fast.span(305)
+            assert set(fast.graphs) - before == {(2, 256, span), (2, 64, span), (1, 16, span)}
+    assert fast.seen == slow.seen == [304, 296, 13]
+
 def test_batch_engine_on_cuda_equals_hf_engine_row_by_row(tiny_pairs):
     """Rows of different lengths through the native batched engine on CUDA (graphs, fused kernels) write
     the tokens transformers' engine on the CPU writes for each alone, float32."""
