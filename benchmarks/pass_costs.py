@@ -95,6 +95,7 @@ def main() -> None:
                 runner.cache.lengths[:] = args.prompt_tokens
             print(f"{n:>5}" + "".join(cells))
             n *= 2
+        print(f"an eager pass's launches, measured (calibrate_eager): {runner.calibrate_eager():.0f} padded tokens")
         print(f"{'catch-up':>10}{'eager ms':>10}{'planned ms':>12}   plan (rows x width a pass)")
         for spec in args.catch_ups.split(","):
             n, w = map(int, spec.split("x"))

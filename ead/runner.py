@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -145,10 +146,10 @@ class NativeBatchRunner:
     # weight read up to a few hundred tokens, whatever its width.
     MERGE_TOKENS = 256
     # A catch-up too wide for one graph runs eagerly, or in chunks through graphs of at most MAX_CHUNK_PASSES
-    # passes where those pad fewer tokens than the eager pass costs, counted as EAGER_TOKENS more than its own
-    # (`_plan`): the host's launches, which a graph replay does not pay.
+    # passes where those pad fewer tokens than the eager pass costs, counted as more than its own (`_plan`,
+    # `calibrate_eager`): the host's launches, which a graph replay does not pay.
     MAX_CHUNK_PASSES = 4
-    EAGER_TOKENS = 1024
+    EAGER_TOKENS = 1024  # until `calibrate_eager` has measured this host's
     # Speculative verification (every position's logits) replays a graph for one token and a draft of up to 15
     # per row, at most MAX_VERIFY_TOKENS padded tokens: the float32 buffer the verification graphs share holds
     # that many rows of logits (311 MB for Qwen2.5's vocabulary). Wider passes (a prompt, a hybrid catch-up)
@@ -173,6 +174,7 @@ class NativeBatchRunner:
         self.verify_out: Tensor | None = None  # their shared output, allocated with the first of them
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.chunk_eager = False  # tests: plan chunked catch-ups without graphs (each chunk then runs eagerly)
+        self.eager_tokens: float | None = None  # an eager pass's launches in padded tokens (`calibrate_eager`)
 
     @classmethod
     def from_hf(cls, hf_model: PreTrainedModel, vocab_size: int, max_seq_tokens: int | None = None,
@@ -227,7 +229,50 @@ class NativeBatchRunner:
                 self._graph(n, w, span)
             for n, w in sorted(self._verify_buckets() if verify else ()):
                 self._graph(n, w, span, all_logits=True)
+        self.calibrate_eager()
         return len(self.graphs) + len(self.verify_graphs)
+
+    @torch.inference_mode()
+    def calibrate_eager(self) -> float:
+        """What an eager pass costs beyond the same pass replayed as a graph, in padded tokens of the widest graph
+        (its compute per token): `_plan`'s price of an eager pass. Measured once (by `capture_graphs`, or at the
+        first plan that needs it: a host sync, some 10-20 passes), on padding rows that leave the cache as it is.
+        On an H100 host the launches of an eager pass cost 16-18 ms for the 1.5B and 14B shapes alike: some 3,000
+        tokens of the 1.5B's compute, about 350 of the 14B's (BENCHMARKS.md, session 8), so the 1.5B chunks
+        nearly every wide catch-up and the 14B only those that pad few rows."""
+        if self.eager_tokens is not None:
+            return self.eager_tokens
+        if not self.use_graphs:
+            return float(self.EAGER_TOKENS)
+        span = self.span(1)
+        rows = max(n for n, _ in self._catch_up_buckets())
+        wide = max(w for n, w in self._catch_up_buckets() if n == rows)
+
+        def timed(run, times: int = 3) -> float:
+            best = math.inf
+            for k in range(times):
+                torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                run(k)
+                torch.cuda.synchronize(self.device)
+                best = min(best, time.perf_counter() - t0)
+            return best * 1e3
+
+        def replay(n: int, w: int):
+            graph = self._graph(n, w, span)
+            graph.valid.zero_()  # padding rows: keys and values to the trash slot, no length moves
+            return lambda k: graph.graph.replay()
+
+        def eager(k: int):  # a new width each time, as eager catch-ups meet in a run
+            w = 61 + k
+            zeros = torch.zeros((1, w), dtype=torch.int64, device=self.device)
+            self.model(zeros, zeros, self.cache, zeros[:, 0], last_only=True, kv_len=span, rows=zeros[:, 0],
+                       kernels=EAGER)
+
+        narrow, widest, graphed = timed(replay(1, 2)), timed(replay(rows, wide)), timed(replay(1, 64))
+        per_token = max(widest - narrow, 1e-3) / (rows * wide - 2)
+        self.eager_tokens = max(0.0, timed(eager) - graphed) / per_token
+        return self.eager_tokens
 
     def _graph(self, batch: int, width: int, span: int, all_logits: bool = False) -> DecodeGraph:
         graphs, key = self.verify_graphs if all_logits else self.graphs, (batch, width, span)
@@ -298,14 +343,14 @@ class NativeBatchRunner:
 
         Chunked, a group of n rows feeds its first W tokens a row, then the next W, and so on (the most a graph
         of pow2(n) rows takes, at most MAX_CHUNK_PASSES passes), each pass a graph replay (`_chunked`, `_chunks`).
-        Costs, in padded tokens: max(MERGE_TOKENS, tokens) a pass, and EAGER_TOKENS more for an eager pass, whose
-        launches the host issues one by one. On an H100 host the 1.5B shape's eager catch-up
+        Costs, in padded tokens: max(MERGE_TOKENS, tokens) a pass, and more for an eager pass, whose launches
+        the host issues one by one (`calibrate_eager`; EAGER_TOKENS where there are no graphs). On an H100 host the 1.5B shape's eager catch-up
         of one row of 284-334 tokens took 33-66 ms where its graphs of 256 and 64 tokens take 4.5 and 3.2
         (BENCHMARKS.md, session 8): such catch-ups come from rows that rode a long phase of large rounds."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         plans, cost = [], 0
         for group in self._split(lengths):
-            eager = max(self.MERGE_TOKENS, len(group) * lengths[group[0]]) + self.EAGER_TOKENS
+            eager = max(self.MERGE_TOKENS, len(group) * lengths[group[0]]) + self.calibrate_eager()
             chunked, padded = self._chunked(group, lengths)
             plans.append(chunked if padded < eager else [[(i, 0, lengths[i]) for i in group]])
             cost += min(padded, eager)
