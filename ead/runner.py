@@ -343,14 +343,15 @@ class NativeBatchRunner:
 
         Chunked, a group of n rows feeds its first W tokens a row, then the next W, and so on (the most a graph
         of pow2(n) rows takes, at most MAX_CHUNK_PASSES passes), each pass a graph replay (`_chunked`, `_chunks`).
-        Costs, in padded tokens: max(MERGE_TOKENS, tokens) a pass, and more for an eager pass, whose launches
-        the host issues one by one (`calibrate_eager`; EAGER_TOKENS where there are no graphs). On an H100 host the 1.5B shape's eager catch-up
+        Costs, in padded tokens: max(MERGE_TOKENS, tokens) a pass; an eager pass at least what its launches cost,
+        which the host issues one by one while the device computes (`calibrate_eager`; EAGER_TOKENS where there
+        are no graphs). On an H100 host the 1.5B shape's eager catch-up
         of one row of 284-334 tokens took 33-66 ms where its graphs of 256 and 64 tokens take 4.5 and 3.2
         (BENCHMARKS.md, session 8): such catch-ups come from rows that rode a long phase of large rounds."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         plans, cost = [], 0
         for group in self._split(lengths):
-            eager = max(self.MERGE_TOKENS, len(group) * lengths[group[0]]) + self.calibrate_eager()
+            eager = max(self.MERGE_TOKENS, len(group) * lengths[group[0]], self.calibrate_eager())
             chunked, padded = self._chunked(group, lengths)
             plans.append(chunked if padded < eager else [[(i, 0, lengths[i]) for i in group]])
             cost += min(padded, eager)

@@ -240,19 +240,19 @@ def test_an_eager_catch_up_of_rows_far_apart_in_length_is_split_by_length(pair):
 
 def test_a_catch_up_too_wide_for_one_graph_runs_in_chunks_each_row_getting_its_hf_logits(pair):
     """Graphs of at most 8 tokens and 4 a row (MAX_GRAPH_TOKENS, MAX_GRAPH_WIDTH). By hand, with a pass worth 4
-    padded tokens (MERGE_TOKENS) and an eager pass 16 more (EAGER_TOKENS):
+    padded tokens (MERGE_TOKENS) and an eager pass at least 32 (EAGER_TOKENS, its launches):
     - rows of 10, 7 and 3 tokens: `_split` passes them one by one (10 + 7 + 4 = 21 padded tokens against 3 x 10
-      together); alone, the row of 10 costs 10 + 16 eagerly, or 3 chunks of 4, 4 and 2 tokens at 4 each: chunks.
-    - three rows of 6: one group (18, no less than 2 x 6 + 6); eagerly 18 + 16 = 34; chunked whole (3 rows pad to
-      4, so 2 tokens a pass: 3 passes of 4 x 2) 24; cut into 2 rows and 1, 4 tokens a pass: 8 + 4, then 4 + 4, 20.
+      together); alone, the row of 10 costs 32 eagerly, or 3 chunks of 4, 4 and 2 tokens at 4 each: chunks.
+    - three rows of 6: one group (18, no less than 2 x 6 + 6); eagerly 32; chunked whole (3 rows pad to 4, so 2
+      tokens a pass: 3 passes of 4 x 2) 24; cut into 2 rows and 1, 4 tokens a pass: 8 + 4, then 4 + 4, 20.
     - a row of 20 would take 5 passes of 4, over MAX_CHUNK_PASSES: eager.
-    Then a catch-up run in chunks: with a pass worth 16 and an eager pass 64 more, rows of 8, 7, 6 and 5 stay one
-    group and run as 4 passes of 2 tokens a row (4 x 16 = 64 < 32 + 64), the last of rows 8 and 7 alone. Each row
+    Then a catch-up run in chunks: with a pass worth 16 and an eager pass at least 96, rows of 8, 7, 6 and 5 stay
+    one group and run as 4 passes of 2 tokens a row (4 x 16 = 64 < 96), the last of rows 8 and 7 alone. Each row
     gets the logits the HF model gives its whole text, from the pass that fed its last token."""
     vocab = pair.small.model.config.vocab_size
     native = NativeBatchRunner.from_hf(pair.large.model, vocab, max_batch=4)
     native.MAX_GRAPH_TOKENS, native.MAX_GRAPH_WIDTH, native.MAX_CHUNK_PASSES = 8, 4, 4
-    native.MERGE_TOKENS, native.EAGER_TOKENS, native.chunk_eager = 4, 16, True
+    native.MERGE_TOKENS, native.EAGER_TOKENS, native.chunk_eager = 4, 32, True
     assert native._plan([10, 7, 3]) == [[[(0, 0, 4)], [(0, 4, 8)], [(0, 8, 10)]], [[(1, 0, 4)], [(1, 4, 7)]],
                                         [[(2, 0, 3)]]]
     assert native._plan([6, 6, 6]) == [[[(0, 0, 4), (1, 0, 4)], [(0, 4, 6), (1, 4, 6)], [(2, 0, 4)], [(2, 4, 6)]]]
@@ -260,7 +260,7 @@ def test_a_catch_up_too_wide_for_one_graph_runs_in_chunks_each_row_getting_its_h
     native.chunk_eager = False  # without graphs, chunks would only add passes
     assert native._plan([10, 7, 3]) == [[[(0, 0, 10)]], [[(1, 0, 7)]], [[(2, 0, 3)]]]
 
-    native.MERGE_TOKENS, native.EAGER_TOKENS, native.chunk_eager = 16, 64, True
+    native.MERGE_TOKENS, native.EAGER_TOKENS, native.chunk_eager = 16, 96, True
     catch_up, passes = native._catch_up, []
     native._catch_up = lambda slots, ids, *args, **kw: passes.append([len(t) for t in ids]) or catch_up(
         slots, ids, *args, **kw)

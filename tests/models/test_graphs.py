@@ -146,7 +146,8 @@ def test_a_catch_up_too_wide_for_one_graph_replays_graphs_in_chunks_and_equals_e
     """Rows bringing 300, 290 and 10 tokens (a row that rode a long phase of large rounds, with its prompt): too
     wide for one graph (256 a row at most). The rows of 300 and 290 run as two graph replays of 2 rows (256
     tokens, then the rest in a bucket of 64), the row of 10 as one more (`_plan` by hand: 512 + 256 + 256 padded
-    tokens, against 300 + 290 + 256 + 3 x 1024 eagerly); logits equal the eager runner's."""
+    tokens, against three eager passes of at least what the launches cost, some thousands of tokens of this
+    tiny model's compute); logits equal the eager runner's."""
     from ead.runner import NativeBatchRunner
 
     hf = build_model("qwen2", vocab_size=512, hidden=128, layers=3, seed=2).to("cuda", torch.float32)
@@ -163,7 +164,8 @@ def test_a_catch_up_too_wide_for_one_graph_replays_graphs_in_chunks_and_equals_e
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         if lengths[0] == 300:
             span = fast.span(305)
-            assert set(fast.graphs) - before == {(2, 256, span), (2, 64, span), (1, 16, span)}
+            new = {key for key in set(fast.graphs) - before if key[2] == span}  # not calibrate_eager's
+            assert new == {(2, 256, span), (2, 64, span), (1, 16, span)}
     assert fast.seen == slow.seen == [304, 296, 13]
 
 def test_batch_engine_on_cuda_equals_hf_engine_row_by_row(tiny_pairs):
