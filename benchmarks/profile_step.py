@@ -24,6 +24,8 @@ def main() -> None:
     p.add_argument("shape")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--width", type=int, default=1, help="profile the catch-up graph of --batch rows of this many "
+                   "tokens (the runner's compact path) instead of the decode step")
     p.add_argument("--unfused", action="store_true", help="eager elementwise kernels inside the graph")
     p.add_argument("--sdpa", action="store_true", help="decode attention through SDPA with a mask, not the Triton "
                    "kernel (ead.models.attention_kernel)")
@@ -40,6 +42,11 @@ def main() -> None:
     for _ in range(5):
         runner.feed_many(slots, [[7]] * args.batch)
     graph = runner.graphs[(args.batch, 1, 256)]
+    if args.width > 1:  # a catch-up of --width tokens a row, replayed in place (same positions each time)
+        graph = runner._graph(args.batch, args.width, 256)
+        graph.run_rows(torch.full((args.batch, args.width), 7, device=device),
+                       (torch.arange(args.width, device=device) + 140).repeat(args.batch, 1),
+                       torch.full((args.batch,), args.width, device=device), torch.arange(args.batch, device=device))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(100):
@@ -47,7 +54,7 @@ def main() -> None:
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t0) * 10
     floor_ms = weights / copy_bandwidth(device, 1 << 30) * 1e3
-    print(f"{args.shape} batch {args.batch}: replay {step_ms:.3f} ms, floor {floor_ms:.3f} ms "
+    print(f"{args.shape} batch {args.batch} width {args.width}: replay {step_ms:.3f} ms, floor {floor_ms:.3f} ms "
           f"({floor_ms / step_ms:.0%} of floor), {model.args.n_layers} layers, "
           f"{(step_ms - floor_ms) / model.args.n_layers * 1e3:.1f} us/layer over the floor")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
