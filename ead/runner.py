@@ -120,13 +120,15 @@ class NativeBatchRunner:
 
     `feed_many` runs at most two forward passes:
     1. catch-up: the slots that bring more than one token (a prompt, or what the other model wrote) feed all
-       of them in one pass over just those rows (gathered), right-padded to a width bucket;
+       of them in one pass over just those rows (gathered), right-padded to a width bucket; rows that fill the
+       cache's first rows (their bucket) run over those rows in place instead, as a decode does;
     2. decode: the slots that bring one token, over cache rows 0..B-1, B the smallest batch bucket (1, 2, 4,
        ..., max_batch) holding them, other rows idle.
     When both kinds come and the decode rows add at most MERGE_TOKENS padded tokens to the catch-up pass, they join
-    it instead: one read of the weights, not two. A catch-up too wide for a graph runs eagerly, padded only to its
-    longest row; when its rows differ in length it is split (`_split`) into passes of rows of similar length, where
-    that saves more padded tokens than the extra passes cost.
+    it instead: one read of the weights, not two. A catch-up too wide for a graph runs in chunks through graphs,
+    or eagerly, padded only to its longest row, whichever `_plan` prices lower; eager rows that differ in length
+    are split (`_split`) into passes of rows of similar length, where that saves more padded tokens than the extra
+    passes cost.
     On CUDA both are replayed graphs, one per (rows, width, span) bucket, captured on first use (or ahead with
     `capture_graphs`); a catch-up of more than MAX_GRAPH_TOKENS padded tokens (a long prompt, or many rows at
     once) runs eagerly, where launches matter less beside its compute. Attention reads a span of slots bucketed to a
@@ -149,6 +151,9 @@ class NativeBatchRunner:
     # passes where those pad fewer tokens than the eager pass costs, counted as more than its own (`_plan`,
     # `calibrate_eager`): the host's launches, which a graph replay does not pay.
     MAX_CHUNK_PASSES = 4
+    # A catch-up of rows lying in cache rows 0..B-1, B its row bucket, of at most this many tokens a row replays a
+    # graph over those rows in place (`_catch_up_prefix`), as the decode does.
+    MAX_PREFIX_WIDTH = 16
     EAGER_TOKENS = 1024  # until `calibrate_eager` has measured this host's
     # Speculative verification (every position's logits) replays a graph for one token and a draft of up to 15
     # per row, at most MAX_VERIFY_TOKENS padded tokens: the float32 buffer the verification graphs share holds
@@ -171,6 +176,7 @@ class NativeBatchRunner:
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}
         self.verify_graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (rows, width, span), all logits
+        self.prefix_graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (rows, width, span), cache rows 0..rows-1
         self.verify_out: Tensor | None = None  # their shared output, allocated with the first of them
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.chunk_eager = False  # tests: plan chunked catch-ups without graphs (each chunk then runs eagerly)
@@ -227,10 +233,12 @@ class NativeBatchRunner:
                 self._graph(b, 1, span)
             for n, w in sorted(self._catch_up_buckets()):
                 self._graph(n, w, span)
+                if w <= self.MAX_PREFIX_WIDTH and n <= self.max_batch:
+                    self._graph(n, w, span, prefix=True)
             for n, w in sorted(self._verify_buckets() if verify else ()):
                 self._graph(n, w, span, all_logits=True)
         self.calibrate_eager()
-        return len(self.graphs) + len(self.verify_graphs)
+        return len(self.graphs) + len(self.verify_graphs) + len(self.prefix_graphs)
 
     @torch.inference_mode()
     def calibrate_eager(self) -> float:
@@ -274,8 +282,12 @@ class NativeBatchRunner:
         self.eager_tokens = max(0.0, timed(eager) - graphed) / per_token
         return self.eager_tokens
 
-    def _graph(self, batch: int, width: int, span: int, all_logits: bool = False) -> DecodeGraph:
-        graphs, key = self.verify_graphs if all_logits else self.graphs, (batch, width, span)
+    def _graph(self, batch: int, width: int, span: int, all_logits: bool = False, prefix: bool = False) -> DecodeGraph:
+        """The graph of a pass of `batch` rows of `width` tokens attending over `span` slots, captured on first use:
+        the decode (width 1), a catch-up of rows from anywhere in the cache, a catch-up of cache rows 0..batch-1
+        (`prefix`, `_catch_up_prefix`), or a verification (`all_logits`)."""
+        graphs = self.verify_graphs if all_logits else self.prefix_graphs if prefix else self.graphs
+        key = (batch, width, span)
         if key not in graphs:
             out = None
             if all_logits:  # one buffer for every verification graph: only one pass's logits are read at a time
@@ -283,7 +295,8 @@ class NativeBatchRunner:
                     self.verify_out = torch.empty(self.MAX_VERIFY_TOKENS * self.vocab_size, dtype=torch.float32,
                                                   device=self.device)
                 out = self.verify_out[: batch * width * self.vocab_size].view(batch, width, self.vocab_size)
-            graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool, width, compact=width > 1,
+            graphs[key] = DecodeGraph(self.model, self.cache, batch, span, self.pool, width,
+                                      compact=width > 1 and not prefix,
                                       vocab_size=self.vocab_size, out=out)
         return graphs[key]
 
@@ -417,6 +430,8 @@ class NativeBatchRunner:
         n, width = len(slots), max(len(t) for t in ids)
         graphed = self.graphed(n, width, all_logits=not last_only)
         batch, width = _catch_up_bucket(n, width) if graphed else (n, width)
+        if graphed and last_only and width <= self.MAX_PREFIX_WIDTH and self.decode_rows(slots) == batch:
+            return self._catch_up_prefix(slots, ids, span, batch, width)
         # One host-to-device copy: token ids and positions (batch * width each), valid lengths, cache rows;
         # pad rows are idle (valid 0) in row 0. Built as lists: element-wise tensor writes cost microseconds.
         tokens, positions, valid, rows = [], [], [0] * batch, [0] * batch
@@ -438,6 +453,29 @@ class NativeBatchRunner:
         logits = self.model(tokens_d, positions_d, self.cache, valid_d, last_only=last_only, kv_len=span,
                             rows=rows_d, kernels=EAGER).float()
         return self._with_summary(logits) if last_only else logits
+
+    def _catch_up_prefix(self, slots: list[int], ids: list[list[int]], span: int, batch: int, width: int) -> Tensor:
+        """`_catch_up` of rows that lie in cache rows 0..batch-1 (batch the pass's row bucket), as a decode does:
+        batch row b is cache row b, the other rows idle, so attention reads the cache in place; a compact pass
+        copies its rows' keys and values out of the cache in every layer first. On an H100 those copies took 3.1
+        of a 16-row, 2-token pass's 15.9 ms on the 14B shape (11.4 for a decode; BENCHMARKS.md, session 8): a
+        large round after a small one carries every row, one or two tokens each, and ran that pass."""
+        where = {slot: i for i, slot in enumerate(slots)}
+        tokens, positions, valid = [], [], [0] * batch
+        for b in range(batch):
+            t = ids[where[b]] if b in where else []
+            start = self.seen[b] if b in where else 0
+            tokens += t + [0] * (width - len(t))
+            positions += range(start, start + width)
+            if b in where:
+                valid[b] = len(t)
+                self.seen[b] += len(t)
+        host = torch.tensor(tokens + positions + valid + list(slots), dtype=torch.int64).to(self.device,
+                                                                                         non_blocking=True)
+        tokens_d, positions_d = host[: batch * width].view(batch, width), host[batch * width: 2 * batch * width]
+        valid_d, index = host[2 * batch * width: 2 * batch * width + batch], host[2 * batch * width + batch:]
+        graph = self._graph(batch, width, span, prefix=True)
+        return graph.run_rows(tokens_d, positions_d.view(batch, width), valid_d).index_select(0, index)
 
     @torch.inference_mode()
     def decode_from_device(self, slots: Sequence[int], tokens: Tensor) -> tuple[Tensor, Tensor]:

@@ -168,6 +168,33 @@ def test_a_catch_up_too_wide_for_one_graph_replays_graphs_in_chunks_and_equals_e
             assert new == {(2, 256, span), (2, 64, span), (1, 16, span)}
     assert fast.seen[:3] == slow.seen[:3] == [304, 296, 13]
 
+
+def test_a_catch_up_of_the_caches_first_rows_runs_over_them_in_place_and_equals_eager():
+    """A round that feeds rows 3, 0, 2 and 1 two tokens and one each (a large round after a small one) fills the
+    4-row bucket: it replays the prefix graph, batch row b = cache row b, attention on the cache in place. Rows 1
+    and 3 alone do not (rows 0 and 2 would ride idle in a bucket of 4 for 2 rows): the compact graph. Logits equal
+    the eager runner's either way."""
+    from ead.runner import NativeBatchRunner
+
+    hf = build_model("llama", vocab_size=512, hidden=128, layers=3, seed=3).to("cuda", torch.float32)
+    hf.config.max_position_embeddings = 1024
+    fast = NativeBatchRunner.from_hf(hf, 512, max_seq_tokens=300, cuda_graphs=True, max_batch=4, fused_kernels=True)
+    slow = NativeBatchRunner.from_hf(hf, 512, max_seq_tokens=300, cuda_graphs=False, max_batch=4)
+    gen = torch.Generator().manual_seed(7)
+    calls = [([0, 1, 2, 3], [9, 4, 12, 6]), ([3, 0, 2, 1], [2, 1, 2, 2]), ([1, 3], [3, 2]), ([2, 0, 1, 3], [1] * 4)]
+    for k, (slots, lengths) in enumerate(calls):
+        ids = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
+        prefix, compact = len(fast.prefix_graphs), len(fast.graphs)
+        a, b = fast.feed_many(slots, ids), slow.feed_many(slots, ids)
+        diff = (a - b).abs().max().item()
+        assert diff <= 1e-3 * b.abs().max().item(), f"call {k}: max abs logit diff {diff:.3e}"
+        assert torch.equal(a.argmax(-1), b.argmax(-1)), f"call {k}"
+        if k == 1:
+            assert (4, 2, 256) in fast.prefix_graphs and len(fast.graphs) == compact
+        if k == 2:
+            assert (2, 4, 256) in fast.graphs and len(fast.prefix_graphs) == prefix
+    assert fast.seen == slow.seen == [11, 10, 15, 11]
+
 def test_batch_engine_on_cuda_equals_hf_engine_row_by_row(tiny_pairs):
     """Rows of different lengths through the native batched engine on CUDA (graphs, fused kernels) write
     the tokens transformers' engine on the CPU writes for each alone, float32."""
