@@ -94,6 +94,17 @@ def main() -> None:
                 cells.append(f"{replay_ms(graph, args.replays):>9.2f}")
                 runner.cache.lengths[:] = args.prompt_tokens
             print(f"{n:>5}" + "".join(cells))
+            cells = []
+            for w in widths:  # the same rows as cache rows 0..n-1, read in place (`_catch_up_prefix`)
+                if w > runner.MAX_PREFIX_WIDTH or not runner.graphed(n, w):
+                    cells.append(f"{'':>9}")
+                    continue
+                graph = runner._graph(n, w, span, prefix=True)
+                graph.run_rows(torch.full((n, w), 7, device=device), (torch.arange(w, device=device)
+                               + args.prompt_tokens).repeat(n, 1), torch.full((n,), w, device=device))
+                cells.append(f"{replay_ms(graph, args.replays):>9.2f}")
+                runner.cache.lengths[:] = args.prompt_tokens
+            print(f"{'':>5}" + "".join(cells) + "   (the same rows in place)")
             n *= 2
         print(f"an eager pass's launches, measured (calibrate_eager): {runner.calibrate_eager():.0f} padded tokens")
         print(f"{'catch-up':>10}{'eager ms':>10}{'planned ms':>12}   plan (rows x width a pass)")
