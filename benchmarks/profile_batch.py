@@ -40,6 +40,8 @@ def main() -> None:
                    "slot a finished one frees")
     p.add_argument("--trace", metavar="PATH", help="also write the timed run's rounds as JSON lines: the groups' "
                    "sizes, the group chosen and why, the cost model, and each pass with its device time")
+    p.add_argument("--after-single", action="store_true", help="run small-only and large-only between the warm-up "
+                   "and the timed run, as `ead bench` does (the cost model then starts from their step times)")
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false")
     p.add_argument("--guard-rounds", type=int, default=32, help="the throughput schedule's guard window (0 = off)")
     p.add_argument("--large-phase", type=_phase, default=LARGE_PHASE, metavar="HIGH,LOW",
@@ -66,6 +68,11 @@ def main() -> None:
                 for i in range(rows)]
 
     run_engine(engine, prompts, args.tokens, routers())  # warm-up: graphs, kernels (run_engine resets the guard)
+    if args.after_single:  # as `ead bench` runs it: small-only and large-only runs between (their step times)
+        for role in (Role.SMALL, Role.LARGE):
+            engine.schedule = "exact"
+            run_engine(engine, prompts, args.tokens, [ScriptedRouter.of_rule([role]) for _ in prompts])
+        engine.schedule = args.schedule
     passes: collections.Counter = collections.Counter()
     timed: list = []  # (key, start event, end event) per pass, on CUDA
     for role, runner in engine.runners.items():
