@@ -67,6 +67,16 @@ from ead.sampling import SamplingParams, sample_next
 from ead.speculative import Speculator, Verdict
 from ead.stopping import StopChecker
 
+# The throughput schedule steps the small group only when, by its cost model, that advances rows at least this
+# many times faster than a large round that every row rides. The model prices a small round by its measured step
+# and the large model's later catch-up, a line fitted to the large rounds; it leaves out what the rows' first
+# small and large passes read of their prompts, the padding of the catch-up they bring to the large model's next
+# pass, and the small model's own catch-up on what its rows rode. On an H100 at batch 64 (1.5B -> 14B shapes,
+# f = 0.25, BENCHMARKS.md session 8) the model put small rounds 6% ahead; the run lost 8%, most of it in the
+# large model's first pass over the prompts of rows that had started small. At batch 16 the rounds the rule
+# takes are 45-60% ahead by the model, and at 4 several times.
+SMALL_ROUND_MARGIN = 1.25
+
 @dataclass(eq=False)
 class Sequence:
     """One request in flight: its ids (prompt then generated), routing state, sampler state and trace.
@@ -145,7 +155,8 @@ class BatchEngine:
         A round is chosen by rows per second, each round charged what it costs the large model too: a small
         round's tokens are fed to the large model later, in the catch-up of the next large round, so it costs
         T_small + c * n_small, where a large-only round costs T_large for n_all rows. The small group steps
-        when n_small / (T_small + c * n_small) > n_all / T_large, else the large round carries every row, unless
+        when n_small / (T_small + c * n_small) > m * n_all / T_large (m = SMALL_ROUND_MARGIN, for the costs the
+        model leaves out), else the large round carries every row, unless
         the large group has waited more than `max_wait_steps` large steps, when it goes next. T_small is the
         measured small step (`step_seconds`); T_large and c, the seconds per catch-up token, are fitted to the
         large rounds' times against the catch-up tokens they fed (`large_costs`). By those costs every round, the
@@ -358,7 +369,8 @@ class BatchEngine:
         if n_large and waited_large > bound:
             return Role.LARGE, in_phase
         t_large, per_token = self.large_costs()
-        faster = n_small / (self.step_seconds[Role.SMALL] + per_token * n_small) > n_all / t_large
+        small = n_small / (self.step_seconds[Role.SMALL] + per_token * n_small)
+        faster = small > SMALL_ROUND_MARGIN * n_all / t_large
         return (Role.SMALL if faster else Role.LARGE), in_phase
 
     def step(self) -> list[tuple[Sequence, StepRecord]]:
@@ -382,9 +394,10 @@ class BatchEngine:
             roles = [Role.LARGE, Role.SMALL]
         else:  # one device: one group per round
             roles = [self._choose_group(groups)]
-            if self.sync is not None and both:
+            if self.sync is not None and (both or (self.schedule == "throughput" and groups[Role.SMALL])):
                 # The choice reads this rank's clock (waits, step times), which differs between ranks: rank 0's
                 # stands for all, or the ranks would step different models and their collectives would not meet.
+                # Under the throughput schedule a large round may carry rows that are all in small mode: a choice.
                 first = self.sync(torch.tensor([float(roles[0] is Role.LARGE)], device=self.pair.device))
                 roles = [Role.LARGE if first.item() else Role.SMALL]
         t0 = t_round = time.perf_counter()

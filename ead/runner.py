@@ -388,22 +388,30 @@ class NativeBatchRunner:
             if any(p is None for p in pieces):
                 continue
             passes = [chunks for piece in pieces for chunks in piece]
-            padded = sum(max(self.MERGE_TOKENS, _pow2(len(c)) * max(2, _pow2(max(b - a for _, a, b in c))))
-                         for c in passes)
+            padded = sum(self._padded(c) for c in passes)
             if padded < cost:
                 best, cost = passes, padded
         return best, cost
 
     def _chunks(self, rows: list[int], lengths: list[int]) -> list[list[tuple[int, int, int]]] | None:
-        """`rows` (longest first) fed in chunks of W tokens, W the widest a graph of pow2(len(rows)) rows takes:
-        pass k feeds tokens kW..(k+1)W of every row that has them. None if that takes more than MAX_CHUNK_PASSES
-        passes (a long prompt: its compute outweighs the launches an eager pass costs)."""
-        width = min(self.MAX_GRAPH_WIDTH, self.MAX_GRAPH_TOKENS // _pow2(len(rows)))
-        n_passes = -(-lengths[rows[0]] // width) if width >= 2 else self.MAX_CHUNK_PASSES + 1
-        if n_passes > self.MAX_CHUNK_PASSES:
-            return None
-        return [[(i, k * width, min(lengths[i], (k + 1) * width)) for i in rows if lengths[i] > k * width]
-                for k in range(n_passes)]
+        """`rows` (longest first) fed in chunks of W tokens through graphs of pow2(len(rows)) rows: pass k feeds
+        tokens kW..(k+1)W of every row that has them. W is the power of two, no wider than those graphs take,
+        that pads the fewest tokens in at most MAX_CHUNK_PASSES passes (rows of 150 tokens: 128 and 32, not 256);
+        None if no W fits (a long prompt: its compute outweighs the launches an eager pass costs)."""
+        best, cost, n = None, math.inf, _pow2(len(rows))
+        width = min(self.MAX_GRAPH_WIDTH, self.MAX_GRAPH_TOKENS // n)
+        while width >= 2 and -(-lengths[rows[0]] // width) <= self.MAX_CHUNK_PASSES:
+            passes = [[(i, k * width, min(lengths[i], (k + 1) * width)) for i in rows if lengths[i] > k * width]
+                      for k in range(-(-lengths[rows[0]] // width))]
+            padded = sum(self._padded(c) for c in passes)
+            if padded < cost:
+                best, cost = passes, padded
+            width //= 2
+        return best
+
+    def _padded(self, chunks: list[tuple[int, int, int]]) -> int:
+        """What a graphed pass of these (row, first, end) chunks costs, in padded tokens (`_plan`)."""
+        return max(self.MERGE_TOKENS, _pow2(len(chunks)) * max(2, _pow2(max(b - a for _, a, b in chunks))))
 
     def _split(self, lengths: list[int]) -> list[list[int]]:
         """Indices of `lengths` (the tokens each row of an eager catch-up brings) grouped into passes, longest
