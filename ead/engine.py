@@ -72,9 +72,9 @@ from ead.stopping import StopChecker
 # and the large model's later catch-up, a line fitted to the large rounds; it leaves out what the rows' first
 # small and large passes read of their prompts, the padding of the catch-up they bring to the large model's next
 # pass, and the small model's own catch-up on what its rows rode. On an H100 at batch 64 (1.5B -> 14B shapes,
-# f = 0.25, BENCHMARKS.md session 8) the model put small rounds 6% ahead; the run lost 8%, most of it in the
-# large model's first pass over the prompts of rows that had started small. At batch 16 the rounds the rule
-# takes are 45-60% ahead by the model, and at 4 several times.
+# f = 0.25, BENCHMARKS.md session 8) the model put the small rounds a median 9% ahead; the run lost 8%, much of
+# it in the large model's first pass over the prompts of rows that had started small. At batch 16 every small
+# round the rule took beside large-mode rows was at least 47% ahead (median 1.9-2.1x).
 SMALL_ROUND_MARGIN = 1.25
 
 @dataclass(eq=False)
