@@ -131,7 +131,7 @@ class NativeBatchRunner:
     passes cost.
     On CUDA both are replayed graphs, one per (rows, width, span) bucket, captured on first use (or ahead with
     `capture_graphs`); a catch-up of more than MAX_GRAPH_TOKENS padded tokens (a long prompt, or many rows at
-    once) runs eagerly, where launches matter less beside its compute. Attention reads a span of slots bucketed to a
+    once) runs in chunks or eagerly (`_plan`: eagerly where launches matter less beside its compute). Attention reads a span of slots bucketed to a
     power of two (at least 256) over the longest row, so a short sequence does not pay for the whole
     preallocated context. Host-side bookkeeping (`seen`) means no device sync here.
     Speculation's verification (`all_logits`) is one gathered pass like a catch-up, returning every position's
@@ -148,13 +148,13 @@ class NativeBatchRunner:
     # weight read up to a few hundred tokens, whatever its width.
     MERGE_TOKENS = 256
     # A catch-up too wide for one graph runs eagerly, or in chunks through graphs of at most MAX_CHUNK_PASSES
-    # passes where those pad fewer tokens than the eager pass costs, counted as more than its own (`_plan`,
-    # `calibrate_eager`): the host's launches, which a graph replay does not pay.
+    # passes where those pad fewer tokens than the eager pass costs, priced at least what its launches cost
+    # (`_plan`, `calibrate_eager`; EAGER_TOKENS without graphs): the host's, which a graph replay does not pay.
     MAX_CHUNK_PASSES = 4
+    EAGER_TOKENS = 1024
     # A catch-up of rows lying in cache rows 0..B-1, B its row bucket, of at most this many tokens a row replays a
     # graph over those rows in place (`_catch_up_prefix`), as the decode does.
     MAX_PREFIX_WIDTH = 16
-    EAGER_TOKENS = 1024  # until `calibrate_eager` has measured this host's
     # Speculative verification (every position's logits) replays a graph for one token and a draft of up to 15
     # per row, at most MAX_VERIFY_TOKENS padded tokens: the float32 buffer the verification graphs share holds
     # that many rows of logits (311 MB for Qwen2.5's vocabulary). Wider passes (a prompt, a hybrid catch-up)
@@ -245,9 +245,9 @@ class NativeBatchRunner:
         """What an eager pass costs beyond the same pass replayed as a graph, in padded tokens of the widest graph
         (its compute per token): `_plan`'s price of an eager pass. Measured once (by `capture_graphs`, or at the
         first plan that needs it: a host sync, some 10-20 passes), on padding rows that leave the cache as it is.
-        On an H100 host the launches of an eager pass cost 16-18 ms for the 1.5B and 14B shapes alike: some 3,000
-        tokens of the 1.5B's compute, about 350 of the 14B's (BENCHMARKS.md, session 8), so the 1.5B chunks
-        nearly every wide catch-up and the 14B only those that pad few rows."""
+        On an H100 host it measured 6,363 padded tokens for the 1.5B shape and 558-1,168 for the 14B's
+        (BENCHMARKS.md, session 8), so the 1.5B chunks nearly every wide catch-up and the 14B only those that pad
+        few rows."""
         if self.eager_tokens is not None:
             return self.eager_tokens
         if not self.use_graphs:
@@ -358,9 +358,9 @@ class NativeBatchRunner:
         of pow2(n) rows takes, at most MAX_CHUNK_PASSES passes), each pass a graph replay (`_chunked`, `_chunks`).
         Costs, in padded tokens: max(MERGE_TOKENS, tokens) a pass; an eager pass at least what its launches cost,
         which the host issues one by one while the device computes (`calibrate_eager`; EAGER_TOKENS where there
-        are no graphs). On an H100 host the 1.5B shape's eager catch-up
-        of one row of 284-334 tokens took 33-66 ms where its graphs of 256 and 64 tokens take 4.5 and 3.2
-        (BENCHMARKS.md, session 8): such catch-ups come from rows that rode a long phase of large rounds."""
+        are no graphs). On an H100 host the 1.5B shape's eager catch-up of a row of about 300 tokens took 22-66 ms,
+        its two graphs 7.2 ms (BENCHMARKS.md, session 8): such catch-ups come from rows that rode a long phase of
+        large rounds."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         plans, cost = [], 0
         for group in self._split(lengths):
