@@ -361,16 +361,17 @@ class NativeBatchRunner:
         are no graphs). On an H100 host the 1.5B shape's eager catch-up of a row of about 300 tokens took 22-66 ms,
         its two graphs 7.2 ms (BENCHMARKS.md, session 8): such catch-ups come from rows that rode a long phase of
         large rounds."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        plans, cost = [], 0
-        for group in self._split(lengths):
+        groups, plans, cost = self._split(lengths), [], 0
+        for group in groups:
             eager = max(self.MERGE_TOKENS, len(group) * lengths[group[0]], self.calibrate_eager())
             chunked, padded = self._chunked(group, lengths)
             plans.append(chunked if padded < eager else [[(i, 0, lengths[i]) for i in group]])
             cost += min(padded, eager)
+        if len(groups) == 1:
+            return plans
         # `_split` groups rows for eager passes; graphs may prefer them together (two rows of 300 tokens: two
         # passes of 2 x 256 and 2 x 64, not four of one row).
-        together, padded = self._chunked(order, lengths)
+        together, padded = self._chunked([i for group in groups for i in group], lengths)
         return [together] if padded < cost else plans
 
     def _chunked(self, group: list[int], lengths: list[int]) -> tuple[list[list[tuple[int, int, int]]], float]:
